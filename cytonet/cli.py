@@ -1,0 +1,44 @@
+"""The ``cytonet`` command line: one sub-command per pipeline stage.
+
+Each sub-command lives in its stage module, which defines ``configure_parser(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so light commands (masking, patches) never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("cytonet.config", "validate a config file and its brain/section/area tables"),
+    "make-demo": ("cytonet.synth.cli", "generate the demo brains (or one brain, or a benchmark section)"),
+    "mask": ("cytonet.mask", "compute the tissue mask of an image or a section"),
+    "patches": ("cytonet.patches", "sample and extract patches of one brain into a Zarr store"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser; only ``command``'s own options are built (its module is imported)."""
+    parser = argparse.ArgumentParser(prog="cytonet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        # Build only the chosen command's options, so `cytonet mask` never imports the training modules.
+        if name == command:
+            importlib.import_module(module_name).configure_parser(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cytonet`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
