@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install, run the whole workflow on the built-in demo brains
+#   make test   create .venv, install, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+# The workflow's shell rules call `cytonet`, so the venv comes first on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: venv demo test dry-run report clean-results
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[workflow,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/snakemake --profile profiles/local
+	@echo
+	@echo "Done. Results are in $(CURDIR)/results/ and the demo brains in $(CURDIR)/resources/demo/:"
+	@echo "  resources/demo/previews/*.png      one section per demo brain beside its area ground truth"
+	@echo "  results/masks/<brain>/*_qc.png      tissue masks over the sections"
+	@echo "  results/patches/<brain>/            patch stores (Zarr v3 + Parquet)"
+
+dry-run: venv
+	$(BIN)/snakemake --profile profiles/local -n
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-results:
+	rm -rf results .snakemake

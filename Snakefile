@@ -1,0 +1,30 @@
+# CytoNet: map cytoarchitectonic areas in whole histological sections.
+#
+#   snakemake --profile profiles/local        one machine (make demo does this on the demo brains)
+#
+# The science lives in the `cytonet` package; each rule calls one `cytonet <stage>` command and passes its
+# config section through `params:`, so a changed value reruns exactly the stages that use it.
+
+from cytonet.config import validate_config
+
+configfile: "config.yaml"
+
+# Validate before any job starts: unknown keys and wrong types stop here, naming the key. Defaults are filled in.
+_validated = validate_config(config)
+config.clear()
+config.update(_validated)
+
+R = config["results"].rstrip("/")
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/mask.smk"
+include: "workflow/rules/patches.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        demo_outputs(),
+        all_masks(),
+        all_patch_stores(),

@@ -1,0 +1,22 @@
+# Tissue masking: one job per section, at the low working resolution mask.resolution_um.
+
+
+def all_masks() -> list[str]:
+    return [f"{R}/masks/{b}/{s}.png" for b in BRAINS for s in sections_of(b)]
+
+
+rule mask:
+    input:
+        image=section_image,
+    output:
+        mask=f"{R}/masks/{{brain}}/{{section}}.png",
+        qc=f"{R}/masks/{{brain}}/{{section}}_qc.png",
+    params:
+        resolution=config["mask"]["resolution_um"],
+        pixel_size=pixel_size_option,
+    threads: config["threads"]["mask"]
+    log:
+        f"{R}/logs/mask/{{brain}}/{{section}}.log",
+    shell:
+        "cytonet mask {input.image} -o {output.mask} --qc {output.qc} --resolution {params.resolution}"
+        " {params.pixel_size} --section-id {wildcards.section} > {log} 2>&1"
