@@ -1,0 +1,264 @@
+"""Datasets and samplers over patch stores (docs/contracts.md, "Patch store"), for pretraining and finetuning.
+
+Zarr arrays are opened lazily in each process (DataLoader worker) on first access and never pickled open; one
+patch is one chunk, so each read decodes exactly one chunk. Augmentations run in torch on single-channel uint8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from torch.utils.data import Dataset, Sampler
+
+from cytonet.models import normalize_uint8
+
+
+class PatchStores:
+    """A list of patch stores seen as one table; patch pixels are read lazily and per process."""
+
+    def __init__(self, stores: Sequence[str | Path]) -> None:
+        if not stores:
+            raise ValueError("no patch stores given")
+        self.paths = [Path(s) for s in stores]
+        tables, sizes, self.brains = [], [], []
+        for i, p in enumerate(self.paths):
+            if not (p / "patches.parquet").exists() or not (p / "patches.zarr").exists():
+                raise FileNotFoundError(f"{p}: not a patch store (needs patches.zarr and patches.parquet)")
+            if not (p / "manifest.json").exists():
+                raise FileNotFoundError(f"{p}: manifest.json missing, the store is incomplete")
+            import zarr  # opened here only to read metadata; handles are dropped before any fork/pickle
+
+            arr = zarr.open_group(str(p / "patches.zarr"), mode="r")
+            attrs = dict(arr.attrs)
+            shape = arr["patches"].shape
+            t = pd.read_parquet(p / "patches.parquet")
+            if len(t) != shape[0]:
+                raise ValueError(f"{p}: parquet has {len(t)} rows but patches has {shape[0]}")
+            t = t.assign(store=i, row=np.arange(len(t), dtype=np.int64))
+            tables.append(t)
+            sizes.append(shape[1])
+            self.brains.append(str(attrs.get("brain", t["brain"].iloc[0] if len(t) else p.name)))
+        if len(set(sizes)) > 1:
+            raise ValueError(f"patch sizes differ between stores: {dict(zip(map(str, self.paths), sizes))}")
+        self.patch_px = sizes[0]
+        self.table = pd.concat(tables, ignore_index=True)
+        self._arrays: list | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_arrays"], state["_pid"] = None, None  # never ship open handles to workers
+        return state
+
+    def _open(self) -> list:
+        # Re-open after fork/spawn: handles (and zarr's event loop) must belong to this process.
+        if self._arrays is None or self._pid != os.getpid():
+            import zarr
+
+            self._arrays = [zarr.open_group(str(p / "patches.zarr"), mode="r")["patches"] for p in self.paths]
+            self._pid = os.getpid()
+        return self._arrays
+
+    def read(self, i: int) -> np.ndarray:
+        """uint8 [S, S] of global row i (one chunk read)."""
+        store, row = int(self.table_store[i]), int(self.table_row[i])
+        return np.asarray(self._open()[store][row])
+
+    @property
+    def table_store(self) -> np.ndarray:
+        if not hasattr(self, "_store_col"):
+            self._store_col = self.table["store"].to_numpy()
+            self._row_col = self.table["row"].to_numpy()
+        return self._store_col
+
+    @property
+    def table_row(self) -> np.ndarray:
+        self.table_store
+        return self._row_col
+
+    def xyz(self) -> np.ndarray:
+        """float64 [N, 3] 3D reference coordinates in mm."""
+        return self.table[["x_mm", "y_mm", "z_mm"]].to_numpy(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+@dataclass
+class AugmentConfig:
+    """Histology augmentations; all in torch on one channel."""
+
+    rot90: bool = True
+    flip: bool = True
+    max_angle_deg: float = 15.0  # small arbitrary rotation on top of the 90° multiples
+    scale: tuple[float, float] = (0.8, 1.0)  # random-resized-crop style zoom-in
+    brightness: float = 0.1
+    contrast: tuple[float, float] = (0.8, 1.25)
+    gamma: tuple[float, float] = (0.75, 1.33)  # stain-intensity non-linearity differs between brains
+    blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    noise_p: float = 0.3
+    noise_std: float = 0.03
+
+
+def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
+    k = (k / k.sum()).to(x)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def augment(patch: np.ndarray | torch.Tensor, gen: torch.Generator, cfg: AugmentConfig | None = None,
+            out_px: int | None = None) -> torch.Tensor:
+    """uint8 [H, W] -> augmented, normalised float32 [1, out_px, out_px]."""
+    cfg = cfg or AugmentConfig()
+    x = torch.as_tensor(np.asarray(patch)).float().div_(255.0)[None, None]  # [1,1,H,W] in [0,1]
+    size = out_px or x.shape[-1]
+
+    def u(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=gen))
+
+    if cfg.rot90:
+        x = torch.rot90(x, int(torch.randint(4, (), generator=gen)), dims=(2, 3))
+    if cfg.flip and torch.rand((), generator=gen) < 0.5:
+        x = torch.flip(x, dims=(3,))
+    # One affine resample does small rotation + zoom (area fraction in `scale`) + shift inside the patch.
+    angle = math.radians(u(-cfg.max_angle_deg, cfg.max_angle_deg))
+    s = math.sqrt(u(*cfg.scale))
+    max_shift = 1.0 - s
+    tx, ty = u(-max_shift, max_shift), u(-max_shift, max_shift)
+    theta = torch.tensor([[s * math.cos(angle), -s * math.sin(angle), tx],
+                          [s * math.sin(angle), s * math.cos(angle), ty]], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, [1, 1, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # Intensity: gamma (applied on [0,1]), then contrast about the mean and brightness shift.
+    x = x.clamp_(1e-4, 1.0).pow_(u(*cfg.gamma))
+    m = x.mean()
+    x = (x - m) * u(*cfg.contrast) + m + u(-cfg.brightness, cfg.brightness)
+    if torch.rand((), generator=gen) < cfg.blur_p:
+        x = _gauss_blur(x, u(*cfg.blur_sigma))
+    if torch.rand((), generator=gen) < cfg.noise_p:
+        x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
+    return normalize_uint8(x.clamp_(0, 1)[0])[0]
+
+
+def plain(patch: np.ndarray | torch.Tensor, out_px: int | None = None) -> torch.Tensor:
+    """uint8 [H, W] -> normalised float32 [1, out_px, out_px] without augmentation."""
+    x = torch.as_tensor(np.asarray(patch))[None, None].float().div_(255.0)
+    if out_px and out_px != x.shape[-1]:
+        x = F.interpolate(x, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False)
+    return normalize_uint8(x[0])[0]
+
+
+def _item_generator(seed: int, key: int, salt: int) -> torch.Generator:
+    # Derive the randomness of one sample from (seed, draw key): independent of worker count and resumable.
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + key * 7919 + salt * 104_729) % (2**63 - 1))
+    return g
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+class SpatialPairDataset(Dataset):
+    """Item (anchor index, draw key) -> two augmented views of an anchor and a partner within radius_mm in 3D.
+
+    The partner is any other patch within the radius (KD-tree over all stores, so it may lie on a neighbouring
+    section); with `within_brain` it must come from the anchor's brain. With no neighbour the anchor itself is
+    used again (a second augmentation); the returned flag counts those fallbacks.
+    """
+
+    def __init__(self, stores: PatchStores, radius_mm: float, seed: int = 0, within_brain: bool = True,
+                 out_px: int | None = None, aug: AugmentConfig | None = None) -> None:
+        self.stores, self.radius, self.seed = stores, float(radius_mm), seed
+        self.xyz = stores.xyz()
+        self.tree = cKDTree(self.xyz)
+        self.brain = stores.table["store"].to_numpy() if within_brain else None
+        self.out_px, self.aug = out_px, aug or AugmentConfig()
+
+    def __len__(self) -> int:
+        return len(self.stores)
+
+    def partner(self, anchor: int, gen: torch.Generator) -> tuple[int, bool]:
+        """A random neighbour of `anchor` within the radius, or (anchor, True) when there is none."""
+        nb = self.tree.query_ball_point(self.xyz[anchor], self.radius)
+        nb = [j for j in nb if j != anchor and (self.brain is None or self.brain[j] == self.brain[anchor])]
+        if not nb:
+            return anchor, True
+        return nb[int(torch.randint(len(nb), (), generator=gen))], False
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        anchor, key = int(item[0]), int(item[1])
+        gen = _item_generator(self.seed, key, 1)
+        other, fallback = self.partner(anchor, gen)
+        v1 = augment(self.stores.read(anchor), gen, self.aug, self.out_px)
+        v2 = augment(self.stores.read(other), gen, self.aug, self.out_px)
+        return {"view1": v1, "view2": v2, "xyz1": torch.tensor(self.xyz[anchor], dtype=torch.float32),
+                "xyz2": torch.tensor(self.xyz[other], dtype=torch.float32), "fallback": torch.tensor(fallback)}
+
+
+class AnchorSampler(Sampler):
+    """Anchor draws for one epoch, sharded over ranks; deterministic in (seed, epoch); can skip ahead on resume.
+
+    Each epoch concatenates seeded permutations of all patches (so patches are drawn evenly) until
+    `draws_per_rank * world_size` draws exist; rank r takes every world_size-th draw. Yields
+    (anchor index, global draw key) so items are reproducible whatever the worker layout.
+    """
+
+    def __init__(self, n_patches: int, draws_per_rank: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.n, self.per_rank, self.rank, self.world, self.seed = n_patches, draws_per_rank, rank, world_size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip its first `start` draws of this rank (resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        total = self.per_rank * self.world
+        g = torch.Generator()
+        g.manual_seed(self.seed * 7_777_777 + self.epoch)
+        reps = -(-total // self.n)
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[:total]
+        base = self.epoch * total
+        for pos in range(self.rank + self.start * self.world, total, self.world):
+            yield int(order[pos]), base + pos
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stack pair items into a batch."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ------------------------------------------------------------------------------------------------- finetuning
+class LabelledPatchDataset(Dataset):
+    """Rows (global index, class index) of a PatchStores -> (patch tensor, class index)."""
+
+    def __init__(self, stores: PatchStores, indices: np.ndarray, labels: np.ndarray, augment_: bool = False,
+                 seed: int = 0, out_px: int | None = None, aug: AugmentConfig | None = None) -> None:
+        self.stores, self.indices, self.labels = stores, np.asarray(indices), np.asarray(labels)
+        self.augment, self.seed, self.out_px, self.aug = augment_, seed, out_px, aug or AugmentConfig()
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        patch = self.stores.read(int(self.indices[k]))
+        if self.augment:
+            # Fresh randomness per call (epochs differ); torch's per-worker seeding makes it reproducible.
+            x = augment(patch, torch.default_generator, self.aug, self.out_px)
+        else:
+            x = plain(patch, self.out_px)
+        return x, int(self.labels[k])
