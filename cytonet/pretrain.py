@@ -82,13 +82,33 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- loss
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (the standard SimCLR trick).
+
+    Each rank's loss uses all ranks' embeddings, so the gradient of the local slice is the sum over ranks;
+    DDP then averages parameter gradients, which matches a loss averaged over ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        r = dist.get_rank()
+        return grad[r * ctx.n:(r + 1) * ctx.n]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks (rank order); gradients flow back to the local part."""
+    """Concatenate x from all ranks (rank order, equal sizes); gradients flow back to the local part."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
@@ -364,6 +384,11 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             t_wait = time.perf_counter()
         del it
 
+    if env.distributed:
+        # BatchNorm running stats are per rank (DDP re-broadcasts them only at the next forward): make every
+        # rank hold rank 0's model, the one that is saved.
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     result: dict[str, Any] = {"step": step, "fallbacks": fallbacks, "drawn": drawn,
                               "fallback_frac": fallbacks / max(drawn, 1), "logits_shape": last_logits_shape,
                               "rank": env.rank, "world_size": env.world_size}
