@@ -12,12 +12,12 @@ anti-aliasing by :mod:`cytonet.readers`):
    matter, which is only slightly darker than glass (and for RGB also tinted), where a global Otsu threshold fails.
 3. **Artefact pixels** are removed: near-black pixels (frames, ink) and, for colour stains, dark *achromatic*
    pixels (pen marks, grid lines, text, debris), whose chroma is small relative to their darkness. A 3×3 opening
-   cuts thin lines and bridges.
+   cuts thin lines and bridges; components that vanish under a 7×7 erosion (lines, frame rims, hairs) go.
 4. **Components** are filtered: small ones (area < ``min_component_fraction`` of the largest piece, or below an
    absolute area in mm²) are dust or labels; ones whose median is near-black or that are mostly achromatic-dark are
    rejected. Several large pieces are all kept.
 5. **Holes** enclosed by tissue are filled only when they are small (< ``max_fill_hole_px``) or not glass-coloured
-   (e.g. removed line pixels inside tissue). Glass-coloured holes (ventricles, sulcal gaps) stay holes.
+   (removed line pixels inside tissue, texture dips in pale white matter: mean distance to glass > thr/2). Glass-coloured holes (ventricles, sulcal gaps) stay holes.
 
 Outputs: a 0/255 PNG mask on the working grid and a QC overlay PNG (thumbnail, tissue tinted, outline drawn).
 An empty result raises :class:`EmptySectionError`. No torch, no snakemake.
@@ -89,7 +89,7 @@ def _glass_colours(col: np.ndarray, grey_raw: np.ndarray, glass_band: float) -> 
     bright = grey_raw >= 100.0
     if bright.sum() < 0.01 * n:
         bright = grey_raw >= np.percentile(grey_raw, 50)
-    flat_thr = max(2.0, 3.0 * float(np.percentile(std[bright], 10)))
+    flat_thr = max(3.0, 3.0 * float(np.percentile(std[bright], 10)))  # >= 3: JPEG noise on glass
     flat = bright & (std <= flat_thr)
     if flat.sum() < 0.01 * n:  # no flat glass at all (tissue fills the frame): use the brightest pixels
         flat = grey_raw >= np.percentile(grey_raw, 98)
@@ -115,7 +115,7 @@ def _glass_colours(col: np.ndarray, grey_raw: np.ndarray, glass_band: float) -> 
 
 def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | None = None, *,
                  pixel_size_um: float | None = None, min_contrast: float = 8.0, k_noise: float = 6.0,
-                 glass_band: float = 18.0, min_component_fraction: float = 0.01, min_component_mm2: float = 0.05,
+                 glass_band: float = 24.0, min_component_fraction: float = 0.01, min_component_mm2: float = 0.05,
                  max_fill_hole_px: int = 9, achromatic_ratio: float = 0.25, return_info: bool = False) -> Any:
     """Boolean tissue mask of a section (or of a (H, W) grey / (H, W, 3) RGB array) on a ``resolution_um`` grid.
 
@@ -149,13 +149,32 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     glass, noise = _glass_colours(col, grey, glass_band)
     info["glass_colours"] = glass.round(1).tolist()
     info["glass_noise"] = noise
-    # 2. distance to the nearest glass colour
-    dists = np.linalg.norm(col[:, :, None, :] - glass[None, None, :, :], axis=-1)
-    nearest = np.argmin(dists, axis=-1)
-    dist = np.take_along_axis(dists, nearest[..., None], axis=-1)[..., 0]
+    # 2. glass map. The brightest flat colour is glass everywhere. Other flat colours (a tinted slide on a white
+    # scan background) count as glass only where their region touches the image border or the outer glass, so a
+    # large flat pale white-matter region enclosed by cortex is never taken for glass.
     thr = max(min_contrast, k_noise * noise) * (math.sqrt(col.shape[-1]) if col.shape[-1] > 1 else 1.0) ** 0.5
     info["threshold"] = thr
-    cand = dist > thr
+    light = glass.mean(axis=1)
+    primary = light >= light.max() - 8.0
+    dists = np.linalg.norm(col[:, :, None, :] - glass[None, None, :, :], axis=-1)
+    nearest = np.argmin(dists, axis=-1)
+    dist_primary = np.min(dists[..., primary], axis=-1)
+    glass_map = dist_primary <= thr
+    if (~primary).any():
+        edge = np.zeros((H, W), bool)
+        edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
+        blab, _ = ndimage.label(glass_map | (g_s < 35.0))
+        outer = np.isin(blab, np.unique(blab[edge & (blab > 0)]))
+        near_outer = ndimage.binary_dilation(outer, iterations=2) | edge
+        sec_map = np.min(dists[..., ~primary], axis=-1) <= thr
+        slab, _ = ndimage.label(sec_map)
+        touching = np.unique(slab[near_outer & sec_map])
+        glass_map |= np.isin(slab, touching[touching > 0])
+        # Restrict "nearest glass colour" (used for optical density) to colours that are glass here.
+        nearest = np.where(glass_map, nearest, np.argmin(np.where(primary, dists, np.inf), axis=-1))
+    dist = np.take_along_axis(dists, nearest[..., None], axis=-1)[..., 0]
+    cand = ~glass_map
+    info["glass_fraction"] = float(glass_map.mean())
     # 3. artefact pixels: near-black (frames, ink) always.
     art = g_s < 35.0
     colour_stain = False
@@ -176,9 +195,9 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     art |= black_zone
     cand &= ~art
     cand = ndimage.binary_opening(cand, structure=np.ones((3, 3), bool))
-    # Drop structures thinner than ~5 px everywhere (grid lines, frame rims, hairs): keep only components that
-    # survive a 5x5 erosion somewhere, with their full extent (reconstruction).
-    core = ndimage.binary_erosion(cand, structure=np.ones((5, 5), bool))
+    # Drop structures thinner than ~7 px everywhere (grid lines, frame rims, hairs): keep only components that
+    # survive a 7x7 erosion somewhere, with their full extent (reconstruction).
+    core = ndimage.binary_erosion(cand, structure=np.ones((7, 7), bool))
     lab0, n0 = ndimage.label(cand, structure=np.ones((3, 3), bool))
     cand = np.isin(lab0, np.unique(lab0[core]))
     cand[lab0 == 0] = False
@@ -208,8 +227,11 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     if hn:
         hidx = np.arange(1, hn + 1)
         harea = ndimage.sum_labels(np.ones_like(holes), hlab, hidx)
-        hglass = ndimage.mean(dist <= thr, hlab, hidx)
-        fill = (harea <= max_fill_hole_px) | (hglass < 0.5)
+        hglass = ndimage.mean(glass_map, hlab, hidx)
+        # Texture dips inside pale tissue touch the glass colour only on average: their mean distance to glass is
+        # near the threshold, while real ventricles / sulci sit at the glass level (distance ~ noise).
+        hdist = ndimage.mean(np.where(glass_map & (dist_primary > thr), dist, dist_primary), hlab, hidx)
+        fill = (harea <= max_fill_hole_px) | (hglass < 0.5) | (np.asarray(hdist) > 0.5 * thr)
         mask |= np.isin(hlab, hidx[fill])
     info.update(n_components=int(keep.sum()), min_area_px=float(min_area), shape=(H, W))
     return (mask, info) if return_info else mask
