@@ -170,8 +170,6 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         slab, _ = ndimage.label(sec_map)
         touching = np.unique(slab[near_outer & sec_map])
         glass_map |= np.isin(slab, touching[touching > 0])
-        # Restrict "nearest glass colour" (used for optical density) to colours that are glass here.
-        nearest = np.where(glass_map, nearest, np.argmin(np.where(primary, dists, np.inf), axis=-1))
     dist = np.take_along_axis(dists, nearest[..., None], axis=-1)[..., 0]
     cand = ~glass_map
     info["glass_fraction"] = float(glass_map.mean())
