@@ -171,6 +171,16 @@ def test_patch_pixels_equal_expected_region(brain, tmp_path, um):
             np.testing.assert_array_equal(got, exp)
 
 
+def test_direct_tile_decoding_equals_reader_regions(brain, tmp_path, monkeypatch):
+    """The fast path (decoding TIFF tiles directly) and the reader's region() give the same store."""
+    extract(brain, tmp_path / "fast", count=10)
+    monkeypatch.setattr(P, "_open_tiff_level", lambda section, level: None)
+    extract(brain, tmp_path / "slow", count=10)
+    a = zarr.open(tmp_path / "fast" / "patches.zarr", mode="r")["patches"][:]
+    b = zarr.open(tmp_path / "slow" / "patches.zarr", mode="r")["patches"][:]
+    np.testing.assert_array_equal(a, b)
+
+
 def test_coordinates_labels_and_tissue_fraction(brain, store):
     table = pd.read_parquet(store / "patches.parquet")
     assert list(table.columns) == P.TABLE_COLUMNS
@@ -409,6 +419,7 @@ def test_decode_error_during_extraction_is_skipped(tmp_path, monkeypatch):
             def region(*a, **k):
                 raise readers.SectionReadError(f"section 'de_s001' ({path}): cannot read pixels: bad tile")
             sec.region = region
+            sec.path = None  # no direct TIFF tile decoding: go through region()
         return sec
 
     monkeypatch.setattr(readers, "open_section", flaky)
