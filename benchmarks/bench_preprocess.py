@@ -11,8 +11,8 @@ psutil, so the peak RSS covers everything the stage started. Results: a table on
 Stages
   mask      cytonet.mask.mask_image at its default resolution
   extract   cytonet patches (sampling + extraction into the sharded Zarr v3 store), LocalCluster of --threads
-  naive     the same patch positions, each read on its own with a fresh TIFF open (benchmarks/naive_extract.py),
-            in a process pool of --threads
+  naive     the same patch positions, each read on its own with a fresh TIFF open and written as its own chunk
+            of a plain Zarr v3 array (benchmarks/naive_extract.py), in a process pool of --threads
   decode    the limit: decode every tile of the full-resolution level once (tifffile page.decode, no zarr
             overhead), dask over blocks of 256 tiles, --threads worker processes
   store     reading the patch store back one patch at a time: shuffled indices (as a training loader) vs in order
@@ -103,7 +103,7 @@ def stage_naive(a: argparse.Namespace) -> dict:
 
     import zarr
 
-    from naive_extract import extract_chunk, read_patch
+    from naive_extract import create_store, extract_chunk, read_patch
 
     level, fi, pos = _positions(a)
     size = a.patch_px * fi
@@ -113,7 +113,10 @@ def stage_naive(a: argparse.Namespace) -> dict:
         for i in np.linspace(0, len(pos) - 1, 5).astype(int):
             if not np.array_equal(arr[i], read_patch(a.section, level, *pos[i], size)):
                 raise SystemExit(f"naive patch {i} differs from the stored patch")
-    chunks = [(a.section, level, size, part) for part in np.array_split(pos, a.threads * 8) if len(part)]
+    store = str(Path(a.work) / "naive.zarr")
+    create_store(store, len(pos), size)
+    bounds = np.linspace(0, len(pos), a.threads * 8 + 1).astype(int)
+    chunks = [(a.section, level, size, pos[i:j], store, int(i)) for i, j in zip(bounds[:-1], bounds[1:]) if j > i]
     t0 = time.perf_counter()
     with get_context("spawn").Pool(a.threads) as pool:
         total = sum(pool.map(extract_chunk, chunks))
@@ -242,15 +245,45 @@ def machine() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def ensure_section(size: int, out: Path, pixel_size_um: float) -> Path:
-    path = out / f"big_{size}.ome.tif"
-    if not path.exists():
-        from cytonet.synth import write_big_section
+def write_texture_section(path: Path, size: int, pixel_size_um: float, seed: int = 0) -> Path:
+    """Fallback generator (much faster than the phantom): a tissue blob with dark cells on a light background,
+    written strip by strip as a tiled pyramidal OME-TIFF (same writer as cytonet.synth)."""
+    from scipy.ndimage import uniform_filter
 
+    from cytonet.synth.tiff import write_pyramid_tiled
+
+    rng = np.random.default_rng(seed)
+    strip_h = 1024
+
+    def strips():
+        xs = np.arange(size, dtype=np.float32)[None, :] / size - 0.5
+        for y in range(0, size, strip_h):
+            h = min(strip_h, size - y)
+            ys = (np.arange(y, y + h, dtype=np.float32)[:, None] / size - 0.5)
+            r = np.sqrt((xs / 0.42) ** 2 + (ys / 0.36) ** 2)
+            wav = 0.06 * np.sin(np.arctan2(ys, xs) * 7)
+            tissue = r < 1 + wav
+            field = uniform_filter(rng.random((h, size), dtype=np.float32), 5)
+            cells = field > 0.62
+            img = np.where(tissue, 200 - 110 * cells, 228).astype(np.float32)
+            img += rng.normal(0, 6, img.shape).astype(np.float32)
+            yield np.clip(img, 0, 255).astype(np.uint8)
+
+    return write_pyramid_tiled(path, (size, size), strips(), pixel_size_um)
+
+
+def ensure_section(size: int, out: Path, pixel_size_um: float, generator: str = "synth") -> Path:
+    path = out / (f"big_{size}.ome.tif" if generator == "synth" else f"texture_{size}.ome.tif")
+    if not path.exists():
         t0 = time.perf_counter()
-        tmp = out / f".tmp_big_{size}.ome.tif"
-        write_big_section(tmp, size, pixel_size_um, seed=0, progress=True)
-        tmp.rename(path)  # the ground-truth PNG keeps the tmp name; it is not used here
+        tmp = out / f".tmp_{path.name}"
+        if generator == "synth":
+            from cytonet.synth import write_big_section
+
+            write_big_section(tmp, size, pixel_size_um, seed=0, progress=True)
+        else:
+            write_texture_section(tmp, size, pixel_size_um)
+        tmp.rename(path)  # the phantom's ground-truth PNG keeps the tmp name; it is not used here
         print(f"generated {path} in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
 
@@ -266,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--store-reads", type=int, default=2000)
     ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--generator", choices=("synth", "texture"), default="synth",
+                    help="section generator: the phantom (cytonet.synth.write_big_section) or a fast texture")
     ap.add_argument("--stages", default="mask,extract,naive,decode,store")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -281,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     a.count = a.count or (1000 if a.quick else 5000)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    a.section = str(ensure_section(size, out, 2.0))
-    a.work = str(out / f"work_{size}")
+    a.section = str(ensure_section(size, out, 2.0, a.generator))
+    a.work = str(out / f"work_{Path(a.section).name.removesuffix('.ome.tif')}")
     Path(a.work).mkdir(exist_ok=True)
-    results: dict = {"machine": machine(), "section": a.section, "size_px": size,
+    results: dict = {"machine": machine(), "section": a.section, "size_px": size, "generator": a.generator,
                      "section_file_mb": os.path.getsize(a.section) / 1e6,
                      "params": {"count": a.count, "patch_px": a.patch_px, "target_um": a.target_um,
                                 "threads": a.threads, "shard_patches": a.shard_patches}}

@@ -23,10 +23,25 @@ def read_patch(path: str, level: int, y0: int, x0: int, size: int) -> np.ndarray
         store.close()
 
 
-def extract_chunk(args: tuple[str, int, int, np.ndarray]) -> int:
-    """Read a list of patch positions (y0, x0) one by one; returns the bytes of patch pixels read."""
-    path, level, size, pos = args
+def create_store(path: str, n: int, size: int) -> None:
+    """The naive output: a plain (unsharded) Zarr v3 array, one chunk (file) per patch, same codec as cytonet."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    zarr.create_array(path, shape=(n, size, size), dtype="uint8", chunks=(1, size, size),
+                      compressors=ZstdCodec(level=1), overwrite=True)
+
+
+def extract_chunk(args: tuple[str, int, int, np.ndarray, str | None, int]) -> int:
+    """Read patch positions (y0, x0) one by one, each written to ``store[i0 + k]``; returns bytes read."""
+    import zarr
+
+    path, level, size, pos, store, i0 = args
+    out = zarr.open_array(store, mode="r+") if store else None
     total = 0
-    for y0, x0 in pos:
-        total += read_patch(path, level, int(y0), int(x0), size).nbytes
+    for k, (y0, x0) in enumerate(pos):
+        patch = read_patch(path, level, int(y0), int(x0), size)
+        if out is not None:
+            out[i0 + k] = patch
+        total += patch.nbytes
     return total

@@ -244,19 +244,13 @@ def sample_locations(
             keep = np.unique(np.linspace(0, len(tx0) - 1, count).round().astype(np.int64))
             tx0, ty0, frac, area = tx0[keep], ty0[keep], frac[keep], area[keep]
     elif sampling == "random":
-        # Candidate cells: region cells whose approximate tissue fraction (box of the footprint around the cell
-        # centre) passes; the exact test runs again after snapping to the target grid.
+        # Candidate cells: all region cells first; when few candidates pass (thin tissue, high minimum
+        # fraction) keep only cells whose approximate fraction (footprint box around the cell centre) passes.
+        # The exact test always runs after snapping to the target grid.
         rh, rw = region.shape
         ry, rx = np.nonzero(region)
-        ccy, ccx = (ry + 0.5) * H / rh, (rx + 0.5) * W / rw
-        approx = _box_fraction(ii, cell, ccy - foot / 2, ccx - foot / 2, ccy + foot / 2, ccx + foot / 2)
-        good = approx >= min_tissue_fraction - 0.1
-        ry, rx = ry[good], rx[good]
-        if len(ry) == 0:
-            raise PatchInputError(section_id, mask_file, f"empty section: no position in {what} with tissue "
-                                                          f"fraction >= {min_tissue_fraction}")
         chunks: list[tuple[np.ndarray, ...]] = []
-        have, tries = 0, 0
+        have, tries, prefiltered = 0, 0, False
         while have < count and tries < 30:
             n = max(2 * (count - have), 1024)
             pick = rng.integers(0, len(ry), n)
@@ -268,6 +262,14 @@ def sample_locations(
             chunks.append((t_x[ok], t_y[ok], frac[ok], area[ok]))
             have += int(ok.sum())
             tries += 1
+            if not prefiltered and ok.mean() < 0.25 and have < count:
+                prefiltered = True
+                ccy, ccx = (ry + 0.5) * H / rh, (rx + 0.5) * W / rw
+                approx = _box_fraction(ii, cell, ccy - foot / 2, ccx - foot / 2, ccy + foot / 2, ccx + foot / 2)
+                good = approx >= min_tissue_fraction - 0.1
+                if not good.any():
+                    break
+                ry, rx = ry[good], rx[good]
         tx0, ty0, frac, area = (np.concatenate(c)[:count] for c in zip(*chunks))
         if len(tx0) < count:
             warnings.warn(f"section '{section_id}': only {len(tx0)} of {count} patch positions passed "
@@ -726,13 +728,19 @@ def extract_brain(
 
     # Pass 1: metadata of every section (and tissue area for per-brain counts).
     infos: list[SectionInfo] = []
+    cached: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # masks/labels kept while small
+    cached_bytes = 0
     for _, row in sections.iterrows():
         try:
-            info, _, _ = inspect_section(row, masks_dir, areas, base_dir, opener)
+            info, mask, labels = inspect_section(row, masks_dir, areas, base_dir, opener)
         except PatchInputError as err:
             bad(err)
             continue
         infos.append(info)
+        size = mask.nbytes + (labels.nbytes if labels is not None else 0)
+        if cached_bytes + size <= 512 * 2**20:
+            cached[info.section] = (mask, labels)
+            cached_bytes += size
     if p["count_per"] == "brain":
         counts = allocate_counts(p["count"], {i.section: i.tissue_area_um2 for i in infos})
     else:
@@ -746,7 +754,10 @@ def extract_brain(
         if counts[info.section] == 0:
             continue
         try:
-            _, mask, labels = inspect_section(rows_by_sec[info.section], masks_dir, areas, base_dir, opener)
+            if info.section in cached:
+                mask, labels = cached.pop(info.section)
+            else:
+                _, mask, labels = inspect_section(rows_by_sec[info.section], masks_dir, areas, base_dir, opener)
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
                 df = sample_locations(mask, info.shape, p["patch_px"], p["pixel_size_um"] / info.pixel_size_um,
