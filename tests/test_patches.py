@@ -429,3 +429,39 @@ def test_decode_error_during_extraction_is_skipped(tmp_path, monkeypatch):
         m = extract(d, tmp_path / "o2", on_bad_section="skip")
     assert set(m["sections"]) == {"de_s000"}
     P.validate_store(tmp_path / "o2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on a generated demo brain (cytonet.synth)
+
+
+def test_demo_brain_patches_agree_with_ground_truth(tmp_path):
+    synth = pytest.importorskip("cytonet.synth")
+    from cytonet.cli import main
+
+    p = synth.DemoParams(n_brains=1, n_unknown=0, sections_per_brain=2, annotate_every=1, pixel_size_um=16.0,
+                         size_mm=8.0, artifacts=False)
+    synth.write_tables(p, tmp_path)
+    synth.generate_brain("demo1", p, tmp_path)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for sid in ("demo1_s000", "demo1_s001"):
+        (masks / f"{sid}.png").write_bytes((tmp_path / "demo1" / "truth" / f"{sid}_tissue.png").read_bytes())
+    out = tmp_path / "patches"
+    assert main(["patches", "--brain", "demo1", "--brains-table", str(tmp_path / "brains.csv"), "--areas",
+                 str(tmp_path / "areas.csv"), "--masks-dir", str(masks), "--out", str(out), "--no-progress",
+                 "--params", json.dumps({"patch_px": 16, "pixel_size_um": 32.0, "count": 150, "count_per": "section",
+                                         "shard_patches": 32, "min_tissue_fraction": 0.5})]) == 0
+    P.validate_store(out)
+    t = pd.read_parquet(out / "patches.parquet")
+    assert len(t) == 300 and t.labelled.all() and (t.area_id > 0).all()
+    sections = pd.read_csv(tmp_path / "demo1" / "sections.csv")
+    for sid, part in t.groupby("section"):
+        row = sections.set_index("section_id").loc[sid]
+        truth = np.asarray(Image.open(tmp_path / "demo1" / row["ground_truth"]))
+        rr = np.floor(part.y_px + 0.5).astype(int)
+        cc = np.floor(part.x_px + 0.5).astype(int)
+        np.testing.assert_array_equal(part.area_id.to_numpy(), truth[rr, cc])
+        xyz = SectionTransform.from_spec(row["transform"]).to_mm(part.x_px, part.y_px)
+        np.testing.assert_allclose(part[["x_mm", "y_mm", "z_mm"]].to_numpy(), xyz)
+        assert np.allclose(part.z_mm, row["z_um"] / 1000)
