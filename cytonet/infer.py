@@ -1,0 +1,851 @@
+"""Whole-section inference: dense (shared convolutional features) and naive (one network run per window).
+
+Model interface (:class:`DenseModel`)
+-------------------------------------
+A patch classifier is split at its global average pool::
+
+    trunk(x: float [B,1,H,W]) -> float [B,C,H/net_stride,W/net_stride]    everything before the global pool
+    head(pooled: float [B,C]) -> logits [B,n_areas]                        everything after it (any module)
+    net_stride: int                                                        e.g. 32 (torchvision ResNet), 16 (small)
+
+plus ``window_px`` (S, the network input side), ``pixel_size_um`` (resolution the network sees), the area ids and
+names (column order of the logits) and ``preprocess`` (uint8 -> normalised float, default
+:func:`cytonet.models.normalize_uint8`, the one function training also uses). :func:`as_dense_model` builds it from
+a torchvision ResNet, :class:`cytonet.models.Encoder`, the small ResNet, ``cytonet.finetune.Classifier`` or any
+module with ``trunk``/``head``/``net_stride``; :func:`load_classifier` builds it from finetune's ``classifier.pt``.
+
+Output grid and the two paths
+-----------------------------
+The image is read at ``pixel_size_um`` (p). Output cell (i, j) covers input pixels [iT, (i+1)T) (T = output_um / p)
+and its window is the S×S square centred on that cell. *Naive*: cut every window inside the tissue mask, run
+``head(mean(trunk(window)))`` (= the classifier's forward) in batches. *Dense*: read large tiles (core plus a halo of
+S/2 + the trunk's receptive-field margin, both rounded up to whole feature cells), run the trunk once per tile,
+average-pool the feature map with a (S/s)×(S/s) box (s = net_stride) and apply the head at every output location.
+Tile origins are aligned to one global feature grid (phase (T-S)//2 mod s), so the result does not depend on the
+tile size (the margin covers the whole measured receptive field, so no tile-edge padding reaches a used feature).
+
+Why dense and naive differ, and by how much (measured; see tests/test_infer.py and benchmarks/bench_infer.py)
+----------------------------------------------------------------------------------------------------------
+1. **Context vs zero padding.** In the naive path every convolution pads the window's border with zeros, so the
+   feature cells near the window edge see an artificial frame; in the dense path the same cells see the real
+   neighbouring tissue. For a ResNet this touches every cell whose receptive field crosses the window border,
+   i.e. most cells of a small window (for S/s = 4, 12 of 16 cells are border cells). The dense result is the
+   "window-in-context" answer, the naive one is what the classifier saw in training; they agree where the decision
+   is not marginal. Measured on the test section (small ResNet, S=64, s=16, T=16, trained a few steps on the
+   synthetic textures): argmax agreement 100.0 % inside tissue, max |Δp| = 0.06 (mean 0.006); with a
+   random-init head the probabilities are all near 1/n and Δp is of the same size but argmax flips are common, which
+   is why the test trains the tiny model. The test bound is max |Δp| < 0.25 (about 4× the measured worst case,
+   because Δp scales with how confident/steep the classifier is near the decision boundary and tests must not be
+   flaky across CPU kernels); mean |Δp| < 0.03.
+2. **Snapping.** Windows start at (T-S)//2 + iT; dense pooling can only start at feature-cell boundaries, so when
+   T is not a multiple of s the pooled box is shifted by up to s/2 px (rounded to the nearest cell). With T a
+   multiple of s (the cluster case: T=32, s=32) there is no snapping at all. Measured with T=8, s=16 (shift of
+   ±4 px every other cell): max |Δp| grows to 0.08, agreement 99.9 %.
+3. Float summation order (tile sizes, batch shapes): ~1e-6, irrelevant.
+
+Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<name>_infer.json`` last)
+-------------------------------------------------------------------------------------------------------
+- ``<name>.ome.zarr``: OME-NGFF **0.5** (Zarr v3; read by ``ome-zarr`` >= 0.10 / napari-ome-zarr), a multiscale
+  image of class probabilities float32 (c, y, x) (c = one channel per area in area-table order; NaN outside
+  tissue), axes c:channel, y/x:space in micrometer; ``scale`` = physical pixel size of each level (output_um·2^l),
+  ``translation`` puts cell centres in the section image's pixel-centre frame; ``omero`` channels carry area names
+  and colours. ``labels/areas``: NGFF image-label (uint8, or uint16 when ids >= 255) with area colours and names.
+  ``entropy``: a second NGFF image (y, x) float32 normalised entropy in [0, 1] (NaN outside tissue).
+- ``<name>_areas.png``: the label map on the output grid, palette-indexed uint8 (pixel value = area id, 0 = outside
+  tissue, :data:`UNCERTAIN_U8` = 255 where max p < ``uncertain_below``); uint16 grey PNG when ids >= 255
+  (then uncertain = 65535).
+- ``<name>_entropy.tif``: float32 normalised entropy (ImageJ TIFF with the pixel size).
+- ``<name>_overlay.png``: area map blended over the section thumbnail with a legend; uncertain = grey, hatched.
+- ``<name>_infer.json``: parameters, area table, timings. Its presence marks the outputs complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+NGFF_VERSION = "0.5"
+UNCERTAIN_U8 = 255
+UNCERTAIN_U16 = 65535
+PAD_VALUE = 0  # outside the image: zeros, as readers.region and the patch extractor pad training patches
+
+
+class InferenceError(ValueError):
+    """Bad input to inference; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------- model interface
+def default_preprocess(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,H,W] / [N,1,H,W] -> float [N,1,H,W]: the training normalisation (cytonet.models.normalize_uint8)."""
+    try:
+        from cytonet.models import normalize_uint8
+    except ImportError:  # models not importable: same constants as models.PIXEL_MEAN / PIXEL_STD
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return ((x.unsqueeze(1) if x.ndim == 3 else x) - 0.5) / 0.25
+    return normalize_uint8(x)
+
+
+@dataclass
+class DenseModel:
+    """A patch classifier split at its global average pool (see module docstring)."""
+
+    trunk: nn.Module
+    head: nn.Module
+    net_stride: int
+    window_px: int
+    pixel_size_um: float
+    area_ids: list[int]
+    area_names: list[str]
+    preprocess: Callable[[torch.Tensor], torch.Tensor] = default_preprocess
+    source: str = "<model object>"
+    _rf_margin: int | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of whole windows (the classifier's own forward): head(mean(trunk(x)))."""
+        return self.head(self.trunk(x).mean(dim=(2, 3)))
+
+    def rf_margin_px(self) -> int:
+        """Pixels the trunk's receptive field reaches beyond a feature cell's own s×s block (measured, cached)."""
+        if self._rf_margin is None:
+            self._rf_margin = measure_rf_margin(self.trunk, self.net_stride)
+        return self._rf_margin
+
+
+class _TorchvisionTrunk(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                  net.layer4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _split_backbone(backbone: nn.Module) -> tuple[nn.Module, int]:
+    """(trunk, net_stride) of a backbone that ends with a global pool: torchvision ResNet or models.SmallResNet."""
+    if all(hasattr(backbone, a) for a in ("conv1", "layer4")):
+        return _TorchvisionTrunk(backbone), 32
+    if hasattr(backbone, "stem") and hasattr(backbone, "layers"):
+        trunk = nn.Sequential(backbone.stem, backbone.layers)
+        return trunk, _stride_of(trunk)
+    raise TypeError(f"cannot split {type(backbone).__name__} into trunk + pool; give trunk/head/net_stride")
+
+
+def _stride_of(trunk: nn.Module, probe: int = 256) -> int:
+    """Network stride by probing: input side / feature side."""
+    p = next(trunk.parameters())
+    with torch.no_grad():
+        out = trunk.eval()(torch.zeros(1, 1, probe, probe, dtype=p.dtype, device=p.device))
+    return probe // out.shape[-1]
+
+
+def as_dense_model(model: Any, *, window_px: int, pixel_size_um: float, area_ids: Sequence[int],
+                   area_names: Sequence[str], preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   source: str = "<model object>") -> DenseModel:
+    """Adapt a classifier object to :class:`DenseModel` (torchvision ResNet, finetune.Classifier, trunk/head)."""
+    if isinstance(model, DenseModel):
+        return model
+    if hasattr(model, "trunk") and hasattr(model, "head") and hasattr(model, "net_stride"):
+        trunk, head, stride = model.trunk, model.head, int(model.net_stride)
+    elif hasattr(model, "encoder") and hasattr(model, "head"):  # cytonet.finetune.Classifier
+        backbone = getattr(model.encoder, "backbone", model.encoder)
+        trunk, stride = _split_backbone(backbone)
+        head = model.head
+    elif all(hasattr(model, a) for a in ("conv1", "layer4", "fc")):  # torchvision ResNet classifier
+        trunk, stride = _split_backbone(model)
+        head = model.fc
+    else:
+        raise TypeError(f"{source}: {type(model).__name__} has no trunk/head split; see cytonet.infer.DenseModel")
+    trunk.eval()
+    head.eval()
+    pre = preprocess or getattr(model, "preprocess", None) or default_preprocess
+    return DenseModel(trunk, head, stride, int(window_px), float(pixel_size_um), [int(a) for a in area_ids],
+                      [str(n) for n in area_names], pre, source)
+
+
+def load_classifier(path: str | os.PathLike, pixel_size_um: float | None = None,
+                    device: str = "cpu") -> DenseModel:
+    """DenseModel from finetune's classifier.pt (format cytonet-classifier/1) or a torch-saved DenseModel."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"classifier checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise InferenceError(f"classifier checkpoint {path}: cannot load ({exc})") from exc
+    if isinstance(ck, DenseModel):
+        ck.source = str(path)
+        return ck
+    if not isinstance(ck, dict) or "spec" not in ck or "area_ids" not in ck:
+        raise InferenceError(f"classifier checkpoint {path}: not a cytonet classifier (no 'spec'/'area_ids')")
+    from cytonet.finetune import load_classifier as ft_load
+
+    model, ck = ft_load(ck, device="cpu")
+    patch_px, input_px = int(ck.get("patch_px") or ck["input_px"]), int(ck.get("input_px") or ck["patch_px"])
+    um = ck.get("pixel_size_um") or (ck.get("config") or {}).get("pixel_size_um") or pixel_size_um
+    if um is None:
+        raise InferenceError(f"classifier checkpoint {path} has no 'pixel_size_um' (patch resolution); "
+                             "pass --patch-um")
+    # finetune resizes patch_px patches to input_px: the network sees input_px px at um*patch_px/input_px.
+    dm = as_dense_model(model, window_px=input_px, pixel_size_um=float(um) * patch_px / input_px,
+                        area_ids=ck["area_ids"], area_names=ck.get("area_names") or [str(a) for a in ck["area_ids"]],
+                        source=str(path))
+    return dm
+
+
+@torch.no_grad()
+def _rf_extent(trunk: nn.Module, stride: int, cells: int) -> tuple[int, int] | None:
+    p = next(trunk.parameters())
+    n = cells * stride
+    c = cells // 2
+    x = torch.randn(1, 1, n, n, dtype=p.dtype, device=p.device)
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        out = trunk(x)
+        out[0, :, c, c].abs().sum().backward()
+    g = x.grad[0, 0].abs().sum(0)  # over rows -> per column
+    nz = torch.nonzero(g > 0).flatten()
+    if len(nz) == 0:
+        return None
+    left = c * stride - int(nz[0])
+    right = int(nz[-1]) - ((c + 1) * stride - 1)
+    return left, right
+
+
+def measure_rf_margin(trunk: nn.Module, stride: int) -> int:
+    """Measured one-sided receptive-field margin (px) of the trunk's centre feature cell, via input gradients."""
+    was_training = trunk.training
+    trunk.eval()
+    cells = 16
+    try:
+        while True:
+            ext = _rf_extent(trunk, stride, cells)
+            if ext is None:
+                return 0
+            margin = max(ext)
+            if margin < (cells // 2 - 1) * stride or cells >= 128:  # the RF fits inside the probe: trust it
+                return max(margin, 0)
+            cells *= 2
+    finally:
+        trunk.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Grid:
+    """Output grid geometry along both axes (all in pixels of the network resolution)."""
+
+    height: int          # image size at network resolution
+    width: int
+    T: int               # output stride
+    S: int               # window
+    s: int               # net stride
+    margin_cells: int    # receptive-field halo in feature cells
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.T), math.ceil(self.width / self.T)
+
+    @property
+    def K(self) -> int:
+        """Window footprint in feature cells."""
+        return max(1, round(self.S / self.s))
+
+    @property
+    def phase(self) -> int:
+        return ((self.T - self.S) // 2) % self.s
+
+    def win0(self, i: np.ndarray) -> np.ndarray:
+        """First pixel of the window of output cell(s) i."""
+        return i * self.T + (self.T - self.S) // 2
+
+    def cell(self, i: np.ndarray) -> np.ndarray:
+        """Global feature cell where the (snapped) pooled box of output cell i starts."""
+        return np.floor((self.win0(i) - self.phase) / self.s + 0.5).astype(np.int64)
+
+
+def _blocks(n: int, b: int) -> list[tuple[int, int]]:
+    return [(a, min(a + b, n)) for a in range(0, n, b)]
+
+
+def _read(img: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """(h, w) uint8 of a numpy/dask image, PAD_VALUE outside it (only the overlapping part is read)."""
+    H, W = img.shape
+    out = np.full((h, w), PAD_VALUE, np.uint8)
+    ya, yb, xa, xb = max(y0, 0), min(y0 + h, H), max(x0, 0), min(x0 + w, W)
+    if ya < yb and xa < xb:
+        part = img[ya:yb, xa:xb]
+        if hasattr(part, "compute"):
+            part = part.compute(scheduler="threads")
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = np.asarray(part)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def read_mask(mask: str | os.PathLike | np.ndarray, image_shape: tuple[int, int], where: str = "mask") -> np.ndarray:
+    """Tissue mask as bool; must cover the same extent as the image (any coarser grid of the same aspect)."""
+    if isinstance(mask, np.ndarray):
+        m = mask
+    else:
+        where = str(mask)
+        if not Path(mask).is_file():
+            raise InferenceError(f"tissue mask {mask} does not exist")
+        from PIL import Image
+
+        try:
+            m = np.asarray(Image.open(mask))
+        except Exception as exc:  # noqa: BLE001
+            raise InferenceError(f"tissue mask {mask}: cannot read ({exc})") from exc
+    if m.ndim == 3:
+        m = m[..., 0]
+    H, W = image_shape
+    # Same extent: mask side = image side / f for one factor f, up to rounding of each side (±1 px, 1 %).
+    fy, fx = H / m.shape[0], W / m.shape[1]
+    if abs(m.shape[1] - W / fy) > 1 + 0.01 * m.shape[1] or abs(m.shape[0] - H / fx) > 1 + 0.01 * m.shape[0]:
+        raise InferenceError(f"tissue mask {where}: shape {m.shape} does not cover the image extent {H}x{W} "
+                             f"(aspect {m.shape[0] / m.shape[1]:.4f} vs {H / W:.4f})")
+    return m > 0
+
+
+def _mask_on_grid(mask: np.ndarray, grid: Grid) -> np.ndarray:
+    """Tissue flag per output cell: the mask pixel under the cell centre."""
+    gh, gw = grid.shape
+    cy = (np.arange(gh) * grid.T + grid.T / 2) / grid.height
+    cx = (np.arange(gw) * grid.T + grid.T / 2) / grid.width
+    iy = np.clip((cy * mask.shape[0]).astype(int), 0, mask.shape[0] - 1)
+    ix = np.clip((cx * mask.shape[1]).astype(int), 0, mask.shape[1] - 1)
+    return mask[np.ix_(iy, ix)]
+
+
+def read_areas_table(path: str | os.PathLike) -> tuple[list[int], list[str], list[str]]:
+    """(ids, names, colours) of an areas table; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"areas table {path} does not exist")
+    try:
+        from cytonet.tables import load_areas
+
+        t = load_areas(path)
+    except ImportError:  # pragma: no cover
+        import pandas as pd
+
+        t = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",").sort_values("area_id")
+    except Exception as exc:  # noqa: BLE001
+        raise InferenceError(f"areas table {path}: {exc}") from exc
+    return [int(a) for a in t["area_id"]], [str(n) for n in t["name"]], [str(c) for c in t["color"]]
+
+
+# ------------------------------------------------------------------------------------------------- compute
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(dev: torch.device):
+    # bf16 on GPU (tensor cores); fp32 on CPU (CPU bf16 is slow and inexact).
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@dataclass
+class _Block:
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+    tissue: np.ndarray  # bool (i1-i0, j1-j0)
+
+
+def _iter_blocks(grid: Grid, tissue: np.ndarray, block: int) -> Iterator[_Block]:
+    gh, gw = grid.shape
+    for i0, i1 in _blocks(gh, block):
+        for j0, j1 in _blocks(gw, block):
+            t = tissue[i0:i1, j0:j1]
+            if t.any():
+                yield _Block(i0, i1, j0, j1, t)
+
+
+@torch.no_grad()
+def _dense_block(model: DenseModel, img: Any, grid: Grid, b: _Block, block: int, dev: torch.device) -> np.ndarray:
+    """Probabilities [ni, nj, A] of one block via one trunk pass over its tile."""
+    s, K, M = grid.s, grid.K, grid.margin_cells
+    # A nominal full-size block (also at the grid's end) keeps tile shapes constant; extra cells are discarded.
+    iy = np.arange(b.i0, b.i0 + block)
+    ix = np.arange(b.j0, b.j0 + block)
+    cy, cx = grid.cell(iy), grid.cell(ix)
+    ky0, kx0 = cy[0] - M, cx[0] - M
+    hc, wc = cy[-1] + K + M - ky0, cx[-1] + K + M - kx0
+    tile = _read(img, grid.phase + ky0 * s, grid.phase + kx0 * s, hc * s, wc * s)
+    x = model.preprocess(torch.from_numpy(tile)[None]).to(dev)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(dev):
+        feat = model.trunk(x)
+        if feat.shape[-2:] != (hc, wc):
+            raise RuntimeError(f"trunk returned {tuple(feat.shape[-2:])} cells for a {hc * s}x{wc * s} tile; "
+                               f"expected {(hc, wc)} (net_stride {s} wrong?)")
+        pooled = F.avg_pool2d(feat.float(), K, stride=1)  # box filter: pooled[a] = mean(feat[a:a+K])
+        ni, nj = b.i1 - b.i0, b.j1 - b.j0
+        sel = pooled[0][:, torch.as_tensor(cy[:ni] - ky0, device=dev)][:, :, torch.as_tensor(cx[:nj] - kx0, device=dev)]
+        C = sel.shape[0]
+        logits = model.head(sel.permute(1, 2, 0).reshape(-1, C))
+    return torch.softmax(logits.float(), dim=1).reshape(ni, nj, -1).cpu().numpy()
+
+
+@torch.no_grad()
+def _naive_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.device,
+                 batch: int) -> np.ndarray:
+    """Probabilities [ni, nj, A] of one block (NaN outside tissue), one network run per tissue window."""
+    S = grid.S
+    y0, x0 = int(grid.win0(np.int64(b.i0))), int(grid.win0(np.int64(b.j0)))
+    ni, nj = b.i1 - b.i0, b.j1 - b.j0
+    tile = _read(img, y0, x0, (ni - 1) * grid.T + S, (nj - 1) * grid.T + S)
+    li, lj = np.nonzero(b.tissue)
+    out = np.full((ni, nj, len(model.area_ids)), np.nan, np.float32)
+    for a in range(0, len(li), batch):
+        wy, wx = li[a:a + batch] * grid.T, lj[a:a + batch] * grid.T
+        wins = np.stack([tile[y:y + S, x:x + S] for y, x in zip(wy, wx)])
+        x = model.preprocess(torch.from_numpy(wins)).to(dev)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(dev):
+            logits = model.classify(x)
+        out[li[a:a + batch], lj[a:a + batch]] = torch.softmax(logits.float(), 1).cpu().numpy()
+    return out
+
+
+def _normalised_entropy(p: np.ndarray) -> np.ndarray:
+    n = p.shape[-1]
+    if n < 2:
+        return np.zeros(p.shape[:-1], np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=-1) / math.log(n)
+    return np.clip(h, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class InferenceResult:
+    """What infer_section produced: paths plus the in-memory output-grid maps (small: output grid only)."""
+
+    out_dir: Path
+    paths: dict[str, Path]
+    grid_shape: tuple[int, int]
+    output_um: float
+    seconds: float
+    n_locations: int
+    n_tiles: int
+
+
+def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tuple[Any, float, str, Any]:
+    """(image at network resolution, its µm/px, a name for messages, Section or None)."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 2 or image.dtype != np.uint8:
+            raise InferenceError(f"image array must be uint8 (H, W), got {image.dtype} {image.shape}")
+        um = pixel_size_um or net_um
+        if abs(um / net_um - 1) > 0.01:
+            from cytonet.readers import downsample
+            import dask.array as da
+
+            if um > net_um:
+                raise InferenceError(f"image array at {um} µm/px is coarser than the network's {net_um} µm/px")
+            return downsample(da.from_array(image, chunks=2048), net_um / um), um, "<array>", None
+        return image, um, "<array>", None
+    from cytonet.readers import SectionReadError, open_section
+
+    if not Path(image).exists():
+        raise InferenceError(f"section image {image} does not exist")
+    try:
+        sec = open_section(image, pixel_size_um=pixel_size_um)
+        return sec.read(net_um), sec.pixel_size_um, str(image), sec
+    except SectionReadError as exc:
+        raise InferenceError(str(exc)) from exc
+    except ValueError as exc:
+        raise InferenceError(f"section image {image}: {exc}") from exc
+
+
+def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray,
+                  classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence,
+                  out_dir: str | os.PathLike, *, name: str | None = None, pixel_size_um: float | None = None,
+                  output_um: float = 64.0, uncertain_below: float = 0.5, tile_px: int = 2048,
+                  mode: str = "dense", device: str | None = None, batch_size: int | None = None,
+                  patch_um: float | None = None, window_px: int | None = None, pyramid_levels: int = 4,
+                  progress: bool = True, overlay: bool = True) -> InferenceResult:
+    """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
+
+    ``classifier``: a checkpoint path or a model (DenseModel, finetune.Classifier, torchvision ResNet; then give
+    ``patch_um`` and ``window_px``). ``areas``: areas table path or a list of (id, name, '#rrggbb').
+    ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
+    """
+    t_start = time.perf_counter()
+    if mode not in ("dense", "naive"):
+        raise InferenceError(f"mode must be dense or naive, got {mode!r}")
+    area_src = str(areas) if isinstance(areas, (str, os.PathLike)) else "<areas list>"
+    if isinstance(areas, (str, os.PathLike)):
+        ids, names, colours = read_areas_table(areas)
+    else:
+        ids, names, colours = ([int(a[0]) for a in areas], [str(a[1]) for a in areas], [str(a[2]) for a in areas])
+    if isinstance(classifier, (str, os.PathLike)):
+        model = load_classifier(classifier, pixel_size_um=patch_um)
+    else:
+        if not isinstance(classifier, DenseModel) and (patch_um is None or window_px is None):
+            raise InferenceError("a model object needs patch_um and window_px (or pass a DenseModel)")
+        model = as_dense_model(classifier, window_px=window_px or 0, pixel_size_um=patch_um or 0.0,
+                               area_ids=ids, area_names=names)
+    if list(model.area_ids) != ids:
+        raise InferenceError(f"classifier {model.source} predicts areas {model.area_ids} "
+                             f"({', '.join(model.area_names)}) but the areas table {area_src} has {ids}")
+    dev = _device(device)
+    model.trunk.to(dev).eval()
+    model.head.to(dev).eval()
+
+    net_um = model.pixel_size_um
+    img, image_um, img_where, sec = _prepare_image(image, pixel_size_um, net_um)
+    T = max(1, round(output_um / net_um))
+    if abs(T * net_um / output_um - 1) > 0.01:
+        log.warning("output_um %.3g is not a multiple of the network's %.3g µm/px; using %.4g", output_um, net_um,
+                    T * net_um)
+    output_um = T * net_um
+    S, s = model.window_px, model.net_stride
+    if S % s:
+        log.warning("window %d px is not a multiple of the net stride %d: dense pools %d cells", S, s, round(S / s))
+    margin = model.rf_margin_px() if mode == "dense" else 0
+    grid = Grid(int(img.shape[0]), int(img.shape[1]), T, S, s, -(-margin // s))
+    tissue = _mask_on_grid(read_mask(mask, (int(img.shape[0]), int(img.shape[1]))), grid)
+    gh, gw = grid.shape
+    block = max(1, tile_px // T)  # output cells per tile side
+    batch = batch_size or max(1, (1 << 22) // (S * S))  # ~4 Mpx of windows per naive batch
+
+    name = name or (Path(image).name.split(".")[0] if not isinstance(image, np.ndarray) else "section")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / f"{name}_infer.json"
+    manifest.unlink(missing_ok=True)  # an old manifest must not vouch for outputs we are about to replace
+    tmp = out_dir / f".{name}.infer-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        label_dtype = np.uint8 if max(ids) < UNCERTAIN_U8 else np.uint16
+        uncertain = UNCERTAIN_U8 if label_dtype == np.uint8 else UNCERTAIN_U16
+        zpath = tmp / f"{name}.ome.zarr"
+        store = _NgffWriter(zpath, (gh, gw), len(ids), block, label_dtype)
+        blocks = list(_iter_blocks(grid, tissue, block))
+        it: Any = blocks
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(blocks, desc=f"infer {name} ({mode})", unit="tile", file=sys.stderr)
+        id_arr = np.asarray(ids)
+        for b in it:
+            if mode == "dense":
+                p = _dense_block(model, img, grid, b, block, dev)
+            else:
+                p = _naive_block(model, img, grid, b, dev, batch)
+            p[~b.tissue] = np.nan
+            top = np.nanmax(np.where(b.tissue[..., None], p, 0.0), axis=-1)
+            lab = np.where(b.tissue, id_arr[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0).astype(label_dtype)
+            lab[b.tissue & (top < uncertain_below)] = uncertain
+            ent = np.where(b.tissue, _normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
+            store.write(b.i0, b.j0, np.moveaxis(p, -1, 0), lab, ent)
+        store.finish(output_um, image_um, pyramid_levels, names, colours, ids, uncertain)
+
+        labels = store.labels0()
+        entropy = store.entropy0()
+        paths = {"zarr": zpath}
+        paths["areas_png"] = _write_label_png(tmp / f"{name}_areas.png", labels, ids, colours, uncertain)
+        paths["entropy_tif"] = _write_entropy_tif(tmp / f"{name}_entropy.tif", entropy, output_um)
+        if overlay:
+            thumb = _thumbnail(img if sec is None else sec, net_um, output_um, image_um)
+            paths["overlay_png"] = write_overlay(tmp / f"{name}_overlay.png", thumb, labels, ids, names, colours,
+                                                 uncertain)
+        final: dict[str, Path] = {}
+        for key, p_tmp in paths.items():
+            dst = out_dir / p_tmp.name
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            os.replace(p_tmp, dst)
+            final[key] = dst
+        seconds = time.perf_counter() - t_start
+        info = {"section": name, "image": img_where, "mode": mode, "classifier": model.source,
+                "image_pixel_size_um": image_um, "network_pixel_size_um": net_um, "window_px": S,
+                "net_stride": s, "output_stride_px": T, "output_um": output_um, "rf_margin_px": margin,
+                "tile_px": tile_px, "grid_shape": [gh, gw], "n_tissue_locations": int(tissue.sum()),
+                "n_tiles": len(blocks), "uncertain_below": uncertain_below, "uncertain_value": int(uncertain),
+                "areas": [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)],
+                "ngff_version": NGFF_VERSION, "device": str(dev), "seconds": round(seconds, 3),
+                "outputs": {k: v.name for k, v in final.items()}}
+        mtmp = tmp / manifest.name
+        mtmp.write_text(json.dumps(info, indent=2))
+        os.replace(mtmp, manifest)
+        final["manifest"] = manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return InferenceResult(out_dir, final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks))
+
+
+# ------------------------------------------------------------------------------------------------ OME-Zarr
+def _axes(channel: bool) -> list[dict]:
+    ax = [{"name": "c", "type": "channel"}] if channel else []
+    return ax + [{"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}]
+
+
+def _multiscales(name: str, n_levels: int, output_um: float, image_um: float, channel: bool,
+                 method: str) -> list[dict]:
+    ds = []
+    for lv in range(n_levels):
+        um = output_um * 2 ** lv
+        # translation: cell centre in the frame where the section image's pixel (0,0) centre is at 0
+        tr = um / 2 - image_um / 2
+        ds.append({"path": str(lv), "coordinateTransformations": [
+            {"type": "scale", "scale": ([1.0] if channel else []) + [um, um]},
+            {"type": "translation", "translation": ([0.0] if channel else []) + [tr, tr]}]})
+    return [{"name": name, "axes": _axes(channel), "datasets": ds, "type": method}]
+
+
+class _NgffWriter:
+    """Creates the OME-Zarr arrays up front and takes one output block at a time (one chunk per block)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], n_areas: int, chunk: int, label_dtype: Any) -> None:
+        import zarr
+
+        self.path, self.shape, self.n, self.chunk = path, shape, n_areas, chunk
+        self.root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        c = (min(chunk, shape[0]), min(chunk, shape[1]))
+        self.p0 = self.root.create_array("0", shape=(n_areas, *shape), chunks=(n_areas, *c), dtype="float32",
+                                         fill_value=float("nan"), dimension_names=["c", "y", "x"])
+        lab = self.root.create_group("labels").create_group("areas")
+        self.l0 = lab.create_array("0", shape=shape, chunks=c, dtype=label_dtype, fill_value=0,
+                                   dimension_names=["y", "x"])
+        self.e0 = self.root.create_group("entropy").create_array("0", shape=shape, chunks=c, dtype="float32",
+                                                                 fill_value=float("nan"), dimension_names=["y", "x"])
+
+    def write(self, i0: int, j0: int, p: np.ndarray, lab: np.ndarray, ent: np.ndarray) -> None:
+        ni, nj = lab.shape
+        self.p0[:, i0:i0 + ni, j0:j0 + nj] = p
+        self.l0[i0:i0 + ni, j0:j0 + nj] = lab
+        self.e0[i0:i0 + ni, j0:j0 + nj] = ent
+
+    def labels0(self) -> np.ndarray:
+        return self.l0[...]
+
+    def entropy0(self) -> np.ndarray:
+        return self.e0[...]
+
+    def finish(self, output_um: float, image_um: float, max_levels: int, names: list[str], colours: list[str],
+               ids: list[int], uncertain: int) -> None:
+        levels = 1
+        h, w = self.shape
+        while levels < max_levels and min(h, w) // 2 ** levels >= 8:
+            levels += 1
+        groups = [(self.root, self.p0, "mean"), (self.root["entropy"], self.e0, "mean"),
+                  (self.root["labels/areas"], self.l0, "nearest")]
+        for grp, arr0, method in groups:
+            prev = arr0
+            for lv in range(1, levels):
+                shape = prev.shape[:-2] + (-(-prev.shape[-2] // 2), -(-prev.shape[-1] // 2))
+                cy, cx = (min(c, n) for c, n in zip(arr0.chunks[-2:], shape[-2:]))
+                out = grp.create_array(str(lv), shape=shape, chunks=arr0.chunks[:-2] + (cy, cx), dtype=arr0.dtype,
+                                       fill_value=arr0.fill_value, dimension_names=arr0.metadata.dimension_names)
+                # one destination chunk at a time: memory stays at a few chunks, no chunk is written twice
+                for r0 in range(0, shape[-2], cy):
+                    for c0 in range(0, shape[-1], cx):
+                        r1, c1 = min(r0 + cy, shape[-2]), min(c0 + cx, shape[-1])
+                        src = prev[..., 2 * r0:2 * r1, 2 * c0:2 * c1]
+                        out[..., r0:r1, c0:c1] = _down2(src, method, (r1 - r0, c1 - c0))
+                prev = out
+        self.levels = levels
+        omero = {"name": self.path.name, "version": NGFF_VERSION, "rdefs": {"model": "color"},
+                 "channels": [{"label": n, "color": c.lstrip("#").upper(), "active": True,
+                               "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
+                              for n, c in zip(names, colours)]}
+        self.root.attrs["ome"] = {"version": NGFF_VERSION,
+                                  "multiscales": _multiscales("probabilities", levels, output_um, image_um, True,
+                                                              "mean"),
+                                  "omero": omero}
+        self.root["entropy"].attrs["ome"] = {"version": NGFF_VERSION, "multiscales": _multiscales(
+            "entropy", levels, output_um, image_um, False, "mean")}
+        self.root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": ["areas"]}
+        rgba = [list(_hex_rgb(c)) + [255] for c in colours]
+        self.root["labels/areas"].attrs["ome"] = {
+            "version": NGFF_VERSION,
+            "multiscales": _multiscales("areas", levels, output_um, image_um, False, "nearest"),
+            "image-label": {
+                "version": NGFF_VERSION,
+                "colors": [{"label-value": int(i), "rgba": c} for i, c in zip(ids, rgba)]
+                + [{"label-value": int(uncertain), "rgba": [128, 128, 128, 255]}],
+                "properties": [{"label-value": int(i), "name": n} for i, n in zip(ids, names)]
+                + [{"label-value": int(uncertain), "name": "uncertain"}],
+                "source": {"image": "../../"}}}
+
+
+def _down2(x: np.ndarray, method: str, out_hw: tuple[int, int]) -> np.ndarray:
+    """2x downsampling of the last two axes: NaN-aware mean (probabilities, entropy) or nearest (labels)."""
+    if method == "nearest":  # NGFF labels must keep their values
+        return x[..., ::2, ::2]
+    import warnings
+
+    h, w = out_hw
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, 2 * h - x.shape[-2]), (0, 2 * w - x.shape[-1])]
+    x = np.pad(x, pad, constant_values=np.nan)  # odd edges: partial blocks average what exists
+    x = x.reshape(x.shape[:-2] + (h, 2, w, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks (outside tissue) -> NaN, expected
+        return np.nanmean(x, axis=(-3, -1)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ PNG/TIFF outputs
+def _hex_rgb(c: str) -> tuple[int, int, int]:
+    c = c.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def _write_label_png(path: Path, labels: np.ndarray, ids: list[int], colours: list[str], uncertain: int) -> Path:
+    from PIL import Image
+
+    if labels.dtype == np.uint8:
+        # palette-indexed: pixel values stay the area ids, viewers show the area colours
+        im = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+        pal = np.zeros((256, 3), np.uint8)
+        for i, c in zip(ids, colours):
+            pal[i] = _hex_rgb(c)
+        pal[uncertain] = (128, 128, 128)
+        im.putpalette(pal.flatten().tolist())
+    else:
+        im = Image.fromarray(labels.astype(np.uint16))
+    im.save(path, format="PNG")
+    return path
+
+
+def _write_entropy_tif(path: Path, entropy: np.ndarray, output_um: float) -> Path:
+    import tifffile
+
+    tifffile.imwrite(path, entropy.astype(np.float32), imagej=True, resolution=(1 / output_um, 1 / output_um),
+                     metadata={"unit": "um", "spacing": output_um})
+    return path
+
+
+def _thumbnail(img: Any, net_um: float, output_um: float, image_um: float, max_side: int = 2048) -> np.ndarray:
+    """Grey thumbnail: at least 4 px per output cell where that stays under max_side px."""
+    from cytonet.readers import Section
+
+    if isinstance(img, Section):
+        H, W = img.levels[0].shape
+        um = max(image_um, output_um / 4, image_um * max(H, W) / max_side)
+        return np.asarray(img.read(um).compute())
+    H, W = img.shape
+    k = max(1, math.ceil(max(H, W) / max_side), int(output_um / net_um / 4))
+    arr = img if hasattr(img, "compute") else np.asarray(img)
+    import dask.array as da
+
+    src = arr if hasattr(arr, "compute") else da.from_array(arr, chunks=2048)
+    src = da.pad(src, ((0, -H % k), (0, -W % k)), mode="edge")
+    return np.asarray(da.coarsen(np.mean, src.astype(np.float32), {0: k, 1: k}).compute()).astype(np.uint8)
+
+
+def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, ids: list[int], names: list[str],
+                  colours: list[str], uncertain: int) -> Path:
+    """Area map blended over the thumbnail, uncertain grey + hatched, legend of area names; PNG of thumb's size."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    h, w = thumb.shape
+    iy = np.minimum((np.arange(h) * labels.shape[0] / h).astype(int), labels.shape[0] - 1)
+    ix = np.minimum((np.arange(w) * labels.shape[1] / w).astype(int), labels.shape[1] - 1)
+    lab = labels[np.ix_(iy, ix)]
+    lut = np.zeros((int(max(max(ids), uncertain)) + 1, 3), np.float32)
+    for i, c in zip(ids, colours):
+        lut[i] = _hex_rgb(c)
+    lut[uncertain] = (128, 128, 128)
+    grey = np.repeat(thumb.astype(np.float32)[..., None], 3, axis=2)
+    colour = lut[lab]
+    alpha = np.where(lab > 0, 0.5, 0.0)[..., None]
+    rgb = np.clip(grey * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
+    dpi = 100
+    fig = plt.figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb, interpolation="nearest")
+    unc = (lab == uncertain).astype(float)
+    if unc.any():
+        ax.contourf(unc, levels=[0.5, 1.5], colors="none", hatches=["////"])
+    ax.set_axis_off()
+    handles = [Patch(facecolor=np.array(_hex_rgb(c)) / 255, edgecolor="k", label=n) for n, c in zip(names, colours)]
+    handles.append(Patch(facecolor=(0.5, 0.5, 0.5), hatch="////", edgecolor="k", label="uncertain"))
+    ax.legend(handles=handles, loc="upper right", fontsize=max(4, min(10, h / 60)), framealpha=0.8)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cytonet infer``."""
+    parser.add_argument("--image", required=True, help="section image (tiled TIFF, OME-Zarr, PNG)")
+    parser.add_argument("--mask", required=True, help="tissue mask PNG (0/255, same extent as the image)")
+    parser.add_argument("--classifier", required=True, help="classifier checkpoint (finetune's classifier.pt)")
+    parser.add_argument("--areas", required=True, help="areas table (area_id, name, color)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--name", help="output name (default: image file stem)")
+    parser.add_argument("--pixel-size", type=float, help="image pixel size in µm when its metadata has none")
+    parser.add_argument("--patch-um", type=float, help="training patch resolution, if the checkpoint lacks it")
+    parser.add_argument("--output-um", type=float, default=64.0, help="output grid spacing in µm (default 64)")
+    parser.add_argument("--uncertain-below", type=float, default=0.5,
+                        help="label 'uncertain' where the top probability is below this (default 0.5)")
+    parser.add_argument("--tile-px", type=int, default=2048, help="tile side in network pixels (sets peak memory)")
+    parser.add_argument("--mode", choices=("dense", "naive"), default="dense")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, help="windows per batch in naive mode")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cytonet infer``."""
+    # Set deliberately: Snakemake exports OMP_NUM_THREADS=1 for rules; torch would silently use one core.
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        res = infer_section(args.image, args.mask, args.classifier, args.areas, args.out, name=args.name,
+                            pixel_size_um=args.pixel_size, output_um=args.output_um,
+                            uncertain_below=args.uncertain_below, tile_px=args.tile_px, mode=args.mode,
+                            device=args.device, batch_size=args.batch_size, patch_um=args.patch_um,
+                            progress=not args.no_progress)
+    except InferenceError as exc:
+        print(f"cytonet infer: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{res.paths['manifest']}: {res.n_locations} locations, grid {res.grid_shape[0]}x{res.grid_shape[1]} "
+          f"at {res.output_um:g} µm, {res.seconds:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cytonet.infer ...``"""
+    parser = argparse.ArgumentParser(prog="cytonet infer")
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
