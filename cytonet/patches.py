@@ -145,9 +145,10 @@ def parse_params(params: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:
-    """Summed-area table with a zero first row/column (int64, so 10^10-pixel masks cannot overflow)."""
-    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    np.cumsum(np.cumsum(mask > 0, axis=0, dtype=np.int64), axis=1, out=ii[1:, 1:])
+    """Summed-area table with a zero first row/column (int32 while it cannot overflow: half the memory)."""
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype)
+    np.cumsum(np.cumsum(mask > 0, axis=0, dtype=dtype), axis=1, out=ii[1:, 1:])
     return ii
 
 
@@ -167,7 +168,7 @@ def _box_fraction(ii: np.ndarray, cell: tuple[float, float], y0: np.ndarray, x0:
         cx = np.clip(((x0 + x1) / 2 / sx).astype(np.int64), 0, mw - 1)
         r0, r1 = np.where(small, cy, r0), np.where(small, cy + 1, r1)
         c0, c1 = np.where(small, cx, c0), np.where(small, cx + 1, c1)
-    total = ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]
+    total = ii[r1, c1].astype(np.int64) - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]
     return total / ((r1 - r0) * (c1 - c0))
 
 
@@ -248,7 +249,7 @@ def sample_locations(
         # fraction) keep only cells whose approximate fraction (footprint box around the cell centre) passes.
         # The exact test always runs after snapping to the target grid.
         rh, rw = region.shape
-        ry, rx = np.nonzero(region)
+        ry, rx = np.divmod(np.flatnonzero(region).astype(np.int32 if region.size < 2**31 else np.int64), rw)
         chunks: list[tuple[np.ndarray, ...]] = []
         have, tries, prefiltered = 0, 0, False
         while have < count and tries < 30:
@@ -707,150 +708,154 @@ def extract_brain(
         shutil.rmtree(stale, ignore_errors=True)
     staging = out / f".staging-{os.getpid()}"
     staging.mkdir()
-    t_start = time.time()
-    qc: list[dict[str, str]] = []
-
-    def bad(err: PatchInputError) -> None:
-        if p["on_bad_section"] == "error":
-            raise err
-        warnings.warn(f"skipping {err}", stacklevel=3)
-        log.warning("skipping %s", err)
-        qc.append({"section": err.section, "file": err.file, "problem": err.problem})
-
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
-        tick = now
-
-    # Pass 1: metadata of every section (and tissue area for per-brain counts).
-    infos: list[SectionInfo] = []
-    cached: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # masks/labels kept while small
-    cached_bytes = 0
-    for _, row in sections.iterrows():
-        try:
-            info, mask, labels = inspect_section(row, masks_dir, areas, base_dir, opener)
-        except PatchInputError as err:
-            bad(err)
-            continue
-        infos.append(info)
-        size = mask.nbytes + (labels.nbytes if labels is not None else 0)
-        if cached_bytes + size <= 512 * 2**20:
-            cached[info.section] = (mask, labels)
-            cached_bytes += size
-    if p["count_per"] == "brain":
-        counts = allocate_counts(p["count"], {i.section: i.tissue_area_um2 for i in infos})
-    else:
-        counts = {i.section: p["count"] for i in infos}
-
-    # Pass 2: sampling, section by section (masks and labels are coarse; one section in memory at a time).
-    frames = []
-    kept: list[SectionInfo] = []
-    rows_by_sec = {str(r["section_id"]): r for _, r in sections.iterrows()}
-    for info in infos:
-        if counts[info.section] == 0:
-            continue
-        try:
-            if info.section in cached:
-                mask, labels = cached.pop(info.section)
-            else:
-                _, mask, labels = inspect_section(rows_by_sec[info.section], masks_dir, areas, base_dir, opener)
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
-                df = sample_locations(mask, info.shape, p["patch_px"], p["pixel_size_um"] / info.pixel_size_um,
-                                      counts[info.section], sampling=p["sampling"],
-                                      min_tissue_fraction=p["min_tissue_fraction"], seed=p["seed"],
-                                      section_id=info.section, labels=labels, grid_stride_px=p["grid_stride_px"],
-                                      mask_file=info.mask_file)
-        except PatchInputError as err:
-            bad(err)
-            continue
-        xyz = info.transform.to_mm(df["x_px"].to_numpy(), df["y_px"].to_numpy())
-        df["x_mm"], df["y_mm"], df["z_mm"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-        df["section"] = info.section
-        df["labelled"] = labels is not None
-        df["_sec"] = len(kept)
-        kept.append(info)
-        frames.append(df)
-    if not frames:
-        raise PatchInputError("*", masks_dir, f"brain '{brain}': no section gave any patch")
-    plan = pd.concat(frames, ignore_index=True)
-    lap("inspect_and_sample_s")
-
-    # Extraction; a section that fails to decode mid-way is skipped (or raised) and the store rebuilt without it.
-    S, k = p["patch_px"], p["shard_patches"]
-    if k * S * S > 512 * 2**20:
-        warnings.warn(f"shard_patches={k} with patch_px={S} holds {k * S * S / 2**20:.0f} MiB per task", stacklevel=2)
-    client = cluster = None
-    stats_total = {"decoded_bytes": 0, "tile_reads": 0}
     try:
-        if threads > 1 or scheduler:
-            client, cluster = _make_client(threads, scheduler)
-        lap("cluster_start_s")
-        while True:
-            n = len(plan)
-            store_path = staging / "patches.zarr"
-            shutil.rmtree(store_path, ignore_errors=True)
-            group = zarr.open_group(store_path, mode="w", zarr_format=3)
-            group.attrs.update({"pixel_size_um": p["pixel_size_um"], "patch_px": S, "brain": brain})
-            group.create_array("patches", shape=(n, S, S), dtype="uint8", chunks=(1, S, S),
-                               shards=(min(k, n), S, S), compressors=ZstdCodec(level=1),
-                               fill_value=0)
-            error = _run_tasks(plan, kept, p, str(store_path / "patches"), client, threads, progress, opener,
-                               stats_total)
-            if error is None:
-                break
-            bad(PatchInputError(error["section"], error["file"], error["problem"]))
-            plan = plan[plan["section"] != error["section"]].reset_index(drop=True)
-            if plan.empty:
-                raise PatchInputError("*", masks_dir, f"brain '{brain}': no section gave any patch")
-        lap("extract_s")
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-    lap("cluster_close_s")
+        t_start = time.time()
+        qc: list[dict[str, str]] = []
 
-    # Table, QC, then move into place; the manifest goes last.
-    plan.insert(0, "index", np.arange(len(plan), dtype=np.int64))
-    plan["brain"] = brain
-    table = plan[TABLE_COLUMNS].astype({"area_id": np.int64, "labelled": bool})
-    table.to_parquet(staging / "patches.parquet", index=False)
-    pd.DataFrame(qc, columns=["section", "file", "problem"]).to_csv(staging / "qc.csv", index=False)
-    for name in ("patches.zarr", "patches.parquet", "qc.csv"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.replace(staging / name, target)
-    shutil.rmtree(staging, ignore_errors=True)
-    from cytonet import __version__ as version
+        def bad(err: PatchInputError) -> None:
+            if p["on_bad_section"] == "error":
+                raise err
+            warnings.warn(f"skipping {err}", stacklevel=3)
+            log.warning("skipping %s", err)
+            qc.append({"section": err.section, "file": err.file, "problem": err.problem})
 
-    manifest = {
-        "brain": brain,
-        "n_patches": int(len(table)),
-        "patch_px": S,
-        "pixel_size_um": p["pixel_size_um"],
-        "shard_patches": k,
-        "sections": {s: int(c) for s, c in table["section"].value_counts(sort=False).items()},
-        "skipped_sections": [q["section"] for q in qc],
-        "params": p,
-        "table_sha256": _sha256(out / "patches.parquet"),
-        "decoded_bytes": int(stats_total["decoded_bytes"]),
-        "timings": {**timings, "task_seconds_total": round(stats_total.get("task_seconds", 0.0), 3)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(time.time() - t_start, 3),
-        "cytonet_version": version,
-    }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
-    return manifest
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            timings[name] = round(now - tick, 3)
+            tick = now
+
+        # Pass 1: metadata of every section (and tissue area for per-brain counts).
+        infos: list[SectionInfo] = []
+        cached: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # masks/labels kept while small
+        cached_bytes = 0
+        for _, row in sections.iterrows():
+            try:
+                info, mask, labels = inspect_section(row, masks_dir, areas, base_dir, opener)
+            except PatchInputError as err:
+                bad(err)
+                continue
+            infos.append(info)
+            size = mask.nbytes + (labels.nbytes if labels is not None else 0)
+            if cached_bytes + size <= 512 * 2**20:
+                cached[info.section] = (mask, labels)
+                cached_bytes += size
+        if p["count_per"] == "brain":
+            counts = allocate_counts(p["count"], {i.section: i.tissue_area_um2 for i in infos})
+        else:
+            counts = {i.section: p["count"] for i in infos}
+
+        # Pass 2: sampling, section by section (masks and labels are coarse; one section in memory at a time).
+        frames = []
+        kept: list[SectionInfo] = []
+        rows_by_sec = {str(r["section_id"]): r for _, r in sections.iterrows()}
+        for info in infos:
+            if counts[info.section] == 0:
+                continue
+            try:
+                if info.section in cached:
+                    mask, labels = cached.pop(info.section)
+                else:
+                    _, mask, labels = inspect_section(rows_by_sec[info.section], masks_dir, areas, base_dir, opener)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("default")
+                    df = sample_locations(mask, info.shape, p["patch_px"], p["pixel_size_um"] / info.pixel_size_um,
+                                          counts[info.section], sampling=p["sampling"],
+                                          min_tissue_fraction=p["min_tissue_fraction"], seed=p["seed"],
+                                          section_id=info.section, labels=labels, grid_stride_px=p["grid_stride_px"],
+                                          mask_file=info.mask_file)
+            except PatchInputError as err:
+                bad(err)
+                continue
+            xyz = info.transform.to_mm(df["x_px"].to_numpy(), df["y_px"].to_numpy())
+            df["x_mm"], df["y_mm"], df["z_mm"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+            df["section"] = info.section
+            df["labelled"] = labels is not None
+            df["_sec"] = len(kept)
+            kept.append(info)
+            frames.append(df)
+        if not frames:
+            raise PatchInputError("*", masks_dir, f"brain '{brain}': no section gave any patch")
+        plan = pd.concat(frames, ignore_index=True)
+        lap("inspect_and_sample_s")
+
+        # Extraction; a section that fails to decode mid-way is skipped (or raised) and the store rebuilt without it.
+        S, k = p["patch_px"], p["shard_patches"]
+        if k * S * S > 512 * 2**20:
+            warnings.warn(f"shard_patches={k} with patch_px={S} holds {k * S * S / 2**20:.0f} MiB per task", stacklevel=2)
+        client = cluster = None
+        stats_total = {"decoded_bytes": 0, "tile_reads": 0}
+        try:
+            if threads > 1 or scheduler:
+                client, cluster = _make_client(threads, scheduler)
+            lap("cluster_start_s")
+            while True:
+                n = len(plan)
+                store_path = staging / "patches.zarr"
+                shutil.rmtree(store_path, ignore_errors=True)
+                group = zarr.open_group(store_path, mode="w", zarr_format=3)
+                group.attrs.update({"pixel_size_um": p["pixel_size_um"], "patch_px": S, "brain": brain})
+                group.create_array("patches", shape=(n, S, S), dtype="uint8", chunks=(1, S, S),
+                                   shards=(min(k, n), S, S), compressors=ZstdCodec(level=1),
+                                   fill_value=0)
+                error = _run_tasks(plan, kept, p, str(store_path / "patches"), client, threads, progress, opener,
+                                   stats_total)
+                if error is None:
+                    break
+                bad(PatchInputError(error["section"], error["file"], error["problem"]))
+                plan = plan[plan["section"] != error["section"]].reset_index(drop=True)
+                if plan.empty:
+                    raise PatchInputError("*", masks_dir, f"brain '{brain}': no section gave any patch")
+            lap("extract_s")
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
+        lap("cluster_close_s")
+
+        # Table, QC, then move into place; the manifest goes last.
+        plan.insert(0, "index", np.arange(len(plan), dtype=np.int64))
+        plan["brain"] = brain
+        table = plan[TABLE_COLUMNS].astype({"area_id": np.int64, "labelled": bool})
+        table.to_parquet(staging / "patches.parquet", index=False)
+        pd.DataFrame(qc, columns=["section", "file", "problem"]).to_csv(staging / "qc.csv", index=False)
+        for name in ("patches.zarr", "patches.parquet", "qc.csv"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(staging / name, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        from cytonet import __version__ as version
+
+        manifest = {
+            "brain": brain,
+            "n_patches": int(len(table)),
+            "patch_px": S,
+            "pixel_size_um": p["pixel_size_um"],
+            "shard_patches": k,
+            "sections": {s: int(c) for s, c in table["section"].value_counts(sort=False).items()},
+            "skipped_sections": [q["section"] for q in qc],
+            "params": p,
+            "table_sha256": _sha256(out / "patches.parquet"),
+            "decoded_bytes": int(stats_total["decoded_bytes"]),
+            "timings": {**timings, "task_seconds_total": round(stats_total.get("task_seconds", 0.0), 3)},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - t_start, 3),
+            "cytonet_version": version,
+        }
+        tmp = out / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out / "manifest.json")
+        return manifest
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # an error leaves nothing behind (a kill is cleared by the rerun)
+        raise
 
 
 def _run_tasks(plan: pd.DataFrame, infos: list[SectionInfo], p: dict[str, Any], array_path: str, client: Any,

@@ -391,6 +391,7 @@ def test_bad_input_errors_name_section_and_file(tmp_path, kind):
     msg = str(info.value)
     assert f"section '{sid}'" in msg and target in msg, msg
     assert not (tmp_path / "out" / "manifest.json").exists()
+    assert list((tmp_path / "out").glob(".staging-*")) == []
 
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "unknown_area"])
