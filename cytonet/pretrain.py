@@ -294,6 +294,9 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step, fallbacks, drawn = ckpt["step"], ckpt["fallbacks"], ckpt["drawn"]
+        if env.is_main:
+            print(f"pretrain: resuming from checkpoint step {step} in {out}", file=sys.stderr, flush=True)
+    resumed_from = step
     # RNG: derived from seed + rank + step (data randomness is keyed by draw, so it does not depend on it);
     # rank 0 additionally restores its saved states exactly.
     seed_everything(cfg["seed"] + 100_003 * env.rank + step)
@@ -342,8 +345,10 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         t_wait = time.perf_counter()
         for batch in it:
             t_got = time.perf_counter()
+            # Copy the pinned halves separately (a CPU-side cat would make a pageable copy and block).
+            v = to_input(torch.cat([batch["view1"].to(dev, non_blocking=True),
+                                    batch["view2"].to(dev, non_blocking=True)]), dev)
             with autocast(dev, cfg["precision"]):
-                v = to_input(torch.cat([batch["view1"], batch["view2"]]), dev)
                 z = ddp(v)
             z1, z2 = z.float().chunk(2)
             loss, parts = spatial_nce_loss(z1, z2, batch["xyz1"].to(dev), batch["xyz2"].to(dev),
@@ -354,10 +359,12 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             opt.step()
             sched.step()
             step += 1
-            stats = torch.stack([loss.detach().float().cpu(), batch["fallback"].sum().float()])
+            # On the device: NCCL reduces only GPU tensors. One small all-reduce gives global loss and fallbacks.
+            stats = torch.stack([loss.detach().float(), batch["fallback"].to(dev).sum().float()])
             if env.distributed:
-                dist.all_reduce(stats)  # gloo reduces CPU tensors; small cost, gives global loss/fallbacks
+                dist.all_reduce(stats)
                 stats[0] /= env.world_size
+            stats = stats.cpu()
             fallbacks += int(stats[1])
             drawn += plan["global_batch"]
             t_done = time.perf_counter()
@@ -377,7 +384,8 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(stats[0]):.3f}", refresh=False)
-            if env.is_main and step % cfg["checkpoint_every"] == 0 and step < plan["total_steps"]:
+            # The last step is checkpointed too, so rerunning a finished run only rewrites encoder.pt.
+            if env.is_main and (step % cfg["checkpoint_every"] == 0 or step == plan["total_steps"]):
                 save_checkpoint()
             if step >= plan["total_steps"]:
                 break
@@ -389,7 +397,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         # rank hold rank 0's model, the one that is saved.
         for buf in model.buffers():
             dist.broadcast(buf, 0)
-    result: dict[str, Any] = {"step": step, "fallbacks": fallbacks, "drawn": drawn,
+    result: dict[str, Any] = {"step": step, "resumed_from": resumed_from, "fallbacks": fallbacks, "drawn": drawn,
                               "fallback_frac": fallbacks / max(drawn, 1), "logits_shape": last_logits_shape,
                               "rank": env.rank, "world_size": env.world_size}
     if env.is_main:

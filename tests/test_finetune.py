@@ -25,7 +25,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_linear_probe_and_predict(stores, tmp_path: Path) -> None:
-    res = finetune([stores["known"]], tmp_path, {"mode": "linear", "epochs": 15, "num_workers": 0},
+    res = finetune([stores["known"]], tmp_path, {"mode": "linear", "epochs": 15, "num_workers": 0, "threads": 1},
                    known_brains={"k1"})
     assert res["n_train"] + res["n_val"] == 4 * 36  # only labelled sections (section 3 has no labels)
     log = pd.read_csv(tmp_path / "finetune_log.csv")
@@ -43,7 +43,7 @@ def test_full_finetune_from_pretrained(stores, tmp_path: Path) -> None:
 
     pretrain([stores["known"], stores["unknown"]], tmp_path / "pt",  # pretraining may use unknown brains
              {"steps": 3, "batch_size": 8, "num_workers": 0, "radius_mm": 0.6}, progress=False)
-    res = finetune([stores["known"]], tmp_path / "ft", {"mode": "full", "epochs": 2, "num_workers": 0,
+    res = finetune([stores["known"]], tmp_path / "ft", {"mode": "full", "epochs": 2, "num_workers": 0, "threads": 1,
                                                        "batch_size": 16},
                    encoder_checkpoint=tmp_path / "pt" / "encoder.pt", known_brains={"k1"})
     assert len(res["history"]) == 2

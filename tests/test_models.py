@@ -89,3 +89,13 @@ def test_detect_env_torchrun_slurm_none() -> None:
     assert (e.rank, e.local_rank, e.world_size, e.launcher) == (5, 1, 8, "slurm")
     assert e.master_addr == "nodeA" and e.master_port == slurm_port(env) == detect_env(env).master_port
     assert detect_env({}).world_size == 1 and detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1
+
+
+def test_partners_within_radius_and_across_sections(tmp_path: Path) -> None:
+    p = make_store(tmp_path, "b1", n_sections=3, grid=4, patch_px=16, spacing_mm=0.5, section_mm=0.4)
+    ds = SpatialPairDataset(PatchStores([p]), radius_mm=0.6)
+    gen = torch.Generator().manual_seed(0)
+    partners = [ds.partner(i % len(ds), gen) for i in range(200)]
+    d = [np.linalg.norm(ds.xyz[i % len(ds)] - ds.xyz[j]) for i, (j, _) in enumerate(partners)]
+    assert max(d) < 0.6 and not any(fb for _, fb in partners)
+    assert any(ds.xyz[i % len(ds)][2] != ds.xyz[j][2] for i, (j, _) in enumerate(partners))  # other sections too

@@ -162,6 +162,7 @@ def test_kill_and_resume(store: Path, tmp_path: Path) -> None:
     assert log["step"].tolist() == list(range(1, STEPS + 1)), "log must continue from the checkpoint, without repeats"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == STEPS
+    assert summary["resumed_from"] == resume_step  # continued from the checkpoint, did not start over
     ck = torch.load(out / "encoder.pt", weights_only=False)
     assert ck["step"] == STEPS
     # the resumed process trained only the remaining steps: its first row's elapsed time restarts near 0
@@ -171,9 +172,9 @@ def test_kill_and_resume(store: Path, tmp_path: Path) -> None:
 
 
 def test_fresh_run_starts_at_step_zero(store: Path, tmp_path: Path) -> None:
-    res = pretrain([store], tmp_path, {"steps": 3, "batch_size": 4, "num_workers": 0, "radius_mm": 0.6},
+    res = pretrain([store], tmp_path, {"steps": 3, "batch_size": 4, "num_workers": 0, "radius_mm": 0.6, "threads": 1},
                    progress=False)
-    assert res["step"] == 3
+    assert res["step"] == 3 and res["resumed_from"] == 0
     assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [1, 2, 3]
 
 
@@ -202,7 +203,7 @@ def test_loss_decreases_and_close_patches_embed_closer(store: Path, tmp_path: Pa
     from cytonet.pretrain import load_encoder
 
     pretrain([store], tmp_path, {"steps": 80, "batch_size": 32, "lr": 3e-3, "radius_mm": 0.6, "temperature": 0.2,
-                                 "num_workers": 1, "checkpoint_every": 1000}, progress=False)
+                                 "num_workers": 1, "checkpoint_every": 1000, "threads": 1}, progress=False)
     log = pd.read_csv(tmp_path / "metrics.csv")
     start, end = log["loss"].head(10).mean(), log["loss"].tail(10).mean()
     d, c, r = _cohens_d(load_encoder(tmp_path / "encoder.pt"), store, 0.6)
