@@ -178,7 +178,8 @@ class SectionGeometry:
         tissue = sd > 0
         d_in, idx = ndi.distance_transform_edt(tissue, return_indices=True)
         d_out = ndi.distance_transform_edt(~tissue)
-        depth = np.where(tissue, d_in, -d_out).astype(np.float32) * step_mm
+        # EDT measures to the nearest background pixel centre: subtract half a step so depth is 0 on the boundary
+        depth = np.where(tissue, d_in - 0.5, 0.5 - d_out).astype(np.float32) * step_mm
         s = s_bg[idx[0], idx[1]] % L
         ang = TWO_PI * s / L
         vx, vy, va, vb, vphi = brain.ventricle
