@@ -68,12 +68,12 @@ def step_rate(encoder: str, px: int, batch: int, n_steps: int) -> float:
     return batch * n_steps / (time.perf_counter() - t)
 
 
-def e2e_rate(store: Path, out: Path, encoder: str, batch: int, workers: int, steps: int) -> dict:
+def e2e_rate(store: Path, out: Path, encoder: str, batch: int, workers: int, steps: int, threads: int) -> dict:
     """pretrain() itself: mean pairs/s and the share of step time spent waiting for data (after step 1)."""
     import pandas as pd
 
     pretrain([store], out, {"encoder": encoder, "steps": steps, "batch_size": batch, "num_workers": workers,
-                            "radius_mm": 0.6, "checkpoint_every": 10**6}, progress=False)
+                            "radius_mm": 0.6, "checkpoint_every": 10**6, "threads": threads}, progress=False)
     log = pd.read_csv(out / "metrics.csv").iloc[1:]
     total = log["loader_wait_s"].sum() + log["step_s"].sum()
     return {"pairs_per_s": round(batch * len(log) / total, 2), "wait_frac": round(log["loader_wait_s"].sum() / total, 3)}
@@ -110,7 +110,7 @@ def main() -> int:
                    "step_pairs_per_s": round(st, 4), "step_measured": bool(n_steps),
                    "bound": "loader" if ld < st else "compute"}
             if n_e2e:
-                row["e2e"] = e2e_rate(store, Path(tmp) / f"run{px}{enc}", enc, batch, args.workers, n_e2e)
+                row["e2e"] = e2e_rate(store, Path(tmp) / f"run{px}{enc}", enc, batch, args.workers, n_e2e, args.threads)
             results.append(row)
             print(json.dumps(row), flush=True)
     info = {"load_avg_1m": round(os.getloadavg()[0], 2), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),

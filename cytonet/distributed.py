@@ -58,6 +58,16 @@ def slurm_port(env: dict[str, str]) -> int:
     return 15000 + int(hashlib.sha1(job.encode()).hexdigest(), 16) % 20000
 
 
+def local_world_size(env: dict[str, str] | None = None, default: int = 1) -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun) or SLURM_NTASKS_PER_NODE ("4" or "4(x2)"), else default."""
+    env = dict(os.environ if env is None else env)
+    if env.get("LOCAL_WORLD_SIZE"):
+        return int(env["LOCAL_WORLD_SIZE"])
+    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    digits = raw.split("(")[0].split(",")[0]
+    return int(digits) if digits.isdigit() else default
+
+
 def detect_env(env: dict[str, str] | None = None) -> DistEnv:
     """Read rank/world size from torchrun (RANK, WORLD_SIZE...) or srun (SLURM_PROCID...); default: 1 process."""
     env = dict(os.environ if env is None else env)

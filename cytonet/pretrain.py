@@ -262,7 +262,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     cfg = validate_config(config)
     out = Path(out_dir)
     env, dev = cdist.init_distributed(device)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", env.world_size)) or 1)
+    local_world = cdist.local_world_size(default=env.world_size)
     torch.set_num_threads(_threads(cfg, local_world))
     plan = run_plan(cfg, env.world_size)
     if env.is_main:

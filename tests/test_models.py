@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from learning_fixtures import make_store  # noqa: E402
 
-from cytonet.distributed import detect_env, slurm_port  # noqa: E402
+from cytonet.distributed import detect_env, local_world_size, slurm_port  # noqa: E402
 from cytonet.models import build_encoder, normalize_uint8  # noqa: E402
 from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, augment, plain  # noqa: E402
 
@@ -99,3 +99,9 @@ def test_partners_within_radius_and_across_sections(tmp_path: Path) -> None:
     d = [np.linalg.norm(ds.xyz[i % len(ds)] - ds.xyz[j]) for i, (j, _) in enumerate(partners)]
     assert max(d) < 0.6 and not any(fb for _, fb in partners)
     assert any(ds.xyz[i % len(ds)][2] != ds.xyz[j][2] for i, (j, _) in enumerate(partners))  # other sections too
+
+
+def test_local_world_size() -> None:
+    assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert local_world_size({"SLURM_NTASKS_PER_NODE": "4(x2)"}) == 4
+    assert local_world_size({}, default=3) == 3
