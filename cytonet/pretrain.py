@@ -337,6 +337,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             old.unlink(missing_ok=True)
 
     t_start, last_logits_shape = time.perf_counter(), None
+    waited = computed = 0.0
     ddp.train()
     while step < plan["total_steps"]:
         epoch, in_epoch = divmod(step, plan["steps_per_epoch"])
@@ -369,6 +370,9 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             drawn += plan["global_batch"]
             t_done = time.perf_counter()
             wait, dt = t_got - t_wait, t_done - t_got
+            if step > resumed_from + 1:  # the first step includes worker start-up
+                waited += wait
+                computed += dt
             if env.is_main and (step % cfg["log_every"] == 0 or step == plan["total_steps"]):
                 row = {"step": step, "epoch": epoch, "loss": round(float(stats[0]), 6),
                        "lr": f"{sched.get_last_lr()[0]:.3e}",
@@ -410,7 +414,10 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
                      "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px, "config": cfg,
                      "step": step, "stores": [str(s) for s in stores]}, out / "encoder.pt")
         summary = {k: v for k, v in result.items() if k != "logits_shape"}
-        summary.update(plan=plan, wall_s=round(time.perf_counter() - t_start, 2), device=str(dev))
+        # Which side bounds the run: the share of step time spent waiting for the loader.
+        frac = waited / max(waited + computed, 1e-9)
+        summary.update(plan=plan, wall_s=round(time.perf_counter() - t_start, 2), device=str(dev),
+                       loader_wait_frac=round(frac, 4), bound="loader" if frac > 0.5 else "compute")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if env.distributed:
         dist.barrier()  # nobody leaves before rank 0 has written encoder.pt
