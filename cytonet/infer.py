@@ -219,6 +219,8 @@ def _rf_extent(trunk: nn.Module, stride: int, cells: int) -> tuple[int, int] | N
     with torch.enable_grad():
         x.requires_grad_(True)
         out = trunk(x)
+        if out.shape[-1] != cells:
+            raise ValueError(f"trunk gives {out.shape[-1]} cells for {n} px: net_stride is not {stride}")
         out[0, :, c, c].abs().sum().backward()
     g = x.grad[0, 0].abs().sum(0)  # over rows -> per column
     nz = torch.nonzero(g > 0).flatten()
@@ -386,13 +388,19 @@ def _iter_blocks(grid: Grid, tissue: np.ndarray, block: int) -> Iterator[_Block]
                 yield _Block(i0, i1, j0, j1, t)
 
 
+def _tile_px(grid: Grid, n: int) -> int:
+    """Side in pixels of the dense tile (with halo) of n output cells."""
+    c = grid.cell(np.array([0, n - 1]))
+    return int((c[1] - c[0] + grid.K + 2 * grid.margin_cells) * grid.s)
+
+
 @torch.no_grad()
-def _dense_block(model: DenseModel, img: Any, grid: Grid, b: _Block, block: int, dev: torch.device) -> np.ndarray:
+def _dense_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.device) -> np.ndarray:
     """Probabilities [ni, nj, A] of one block via one trunk pass over its tile."""
     s, K, M = grid.s, grid.K, grid.margin_cells
-    # A nominal full-size block (also at the grid's end) keeps tile shapes constant; extra cells are discarded.
-    iy = np.arange(b.i0, b.i0 + block)
-    ix = np.arange(b.j0, b.j0 + block)
+    # Tiles at the grid's end are smaller (only the cells needed); the full halo keeps results tile-independent.
+    iy = np.arange(b.i0, b.i1)
+    ix = np.arange(b.j0, b.j1)
     cy, cx = grid.cell(iy), grid.cell(ix)
     ky0, kx0 = cy[0] - M, cx[0] - M
     hc, wc = cy[-1] + K + M - ky0, cx[-1] + K + M - kx0
@@ -485,7 +493,7 @@ def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tu
 
 
 def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray,
-                  classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence,
+                  classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence | None,
                   out_dir: str | os.PathLike, *, name: str | None = None, pixel_size_um: float | None = None,
                   output_um: float = 64.0, uncertain_below: float = 0.5, tile_px: int = 2048,
                   mode: str = "dense", device: str | None = None, batch_size: int | None = None,
@@ -494,7 +502,8 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
 
     ``classifier``: a checkpoint path or a model (DenseModel, finetune.Classifier, torchvision ResNet; then give
-    ``patch_um`` and ``window_px``). ``areas``: areas table path or a list of (id, name, '#rrggbb').
+    ``patch_um`` and ``window_px``). ``areas``: areas table path, a list of (id, name, '#rrggbb'), or None to take
+    the areas of a DenseModel / checkpoint with tab10 colours.
     ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
     """
     t_start = time.perf_counter()
@@ -503,15 +512,22 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     area_src = str(areas) if isinstance(areas, (str, os.PathLike)) else "<areas list>"
     if isinstance(areas, (str, os.PathLike)):
         ids, names, colours = read_areas_table(areas)
-    else:
+    elif areas is not None:
         ids, names, colours = ([int(a[0]) for a in areas], [str(a[1]) for a in areas], [str(a[2]) for a in areas])
     if isinstance(classifier, (str, os.PathLike)):
         model = load_classifier(classifier, pixel_size_um=patch_um)
+    elif isinstance(classifier, DenseModel):
+        model = classifier
     else:
-        if not isinstance(classifier, DenseModel) and (patch_um is None or window_px is None):
-            raise InferenceError("a model object needs patch_um and window_px (or pass a DenseModel)")
+        if not isinstance(classifier, DenseModel) and (patch_um is None or window_px is None or areas is None):
+            raise InferenceError("a model object needs patch_um, window_px and areas (or pass a DenseModel)")
         model = as_dense_model(classifier, window_px=window_px or 0, pixel_size_um=patch_um or 0.0,
                                area_ids=ids, area_names=names)
+    if areas is None:  # the model's own areas, tab10 colours
+        import matplotlib
+
+        ids, names = list(model.area_ids), list(model.area_names)
+        colours = [matplotlib.colors.to_hex(matplotlib.colormaps["tab10"](k % 10)) for k in range(len(ids))]
     if list(model.area_ids) != ids:
         raise InferenceError(f"classifier {model.source} predicts areas {model.area_ids} "
                              f"({', '.join(model.area_names)}) but the areas table {area_src} has {ids}")
@@ -556,11 +572,14 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
 
             it = tqdm(blocks, desc=f"infer {name} ({mode})", unit="tile", file=sys.stderr)
         id_arr = np.asarray(ids)
+        trunk_px = 0  # pixels the network ran over (dense: tiles with halo; naive: windows), for cost accounting
         for b in it:
             if mode == "dense":
-                p = _dense_block(model, img, grid, b, block, dev)
+                p = _dense_block(model, img, grid, b, dev)
+                trunk_px += _tile_px(grid, b.i1 - b.i0) * _tile_px(grid, b.j1 - b.j0)
             else:
                 p = _naive_block(model, img, grid, b, dev, batch)
+                trunk_px += int(b.tissue.sum()) * S * S
             p[~b.tissue] = np.nan
             top = np.nanmax(np.where(b.tissue[..., None], p, 0.0), axis=-1)
             lab = np.where(b.tissue, id_arr[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0).astype(label_dtype)
@@ -590,7 +609,7 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
                 "image_pixel_size_um": image_um, "network_pixel_size_um": net_um, "window_px": S,
                 "net_stride": s, "output_stride_px": T, "output_um": output_um, "rf_margin_px": margin,
                 "tile_px": tile_px, "grid_shape": [gh, gw], "n_tissue_locations": int(tissue.sum()),
-                "n_tiles": len(blocks), "uncertain_below": uncertain_below, "uncertain_value": int(uncertain),
+                "n_tiles": len(blocks), "trunk_px": trunk_px, "uncertain_below": uncertain_below, "uncertain_value": int(uncertain),
                 "areas": [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)],
                 "ngff_version": NGFF_VERSION, "device": str(dev), "seconds": round(seconds, 3),
                 "outputs": {k: v.name for k, v in final.items()}}
