@@ -69,6 +69,12 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown pretrain config key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
     out = {**DEFAULTS, **cfg}
+    from cytonet.models import ENCODERS
+
+    if out["encoder"] not in ENCODERS:
+        raise ValueError(f"config key 'encoder': {out['encoder']!r} is not one of {ENCODERS}")
+    if out["precision"] not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"config key 'precision': {out['precision']!r} is not auto, bf16 or fp32")
     if out["loss"] not in LOSSES:
         raise ValueError(f"config key 'loss': {out['loss']!r} is not one of {LOSSES}")
     for key in ("samples", "epochs", "batch_size", "checkpoint_every", "embedding_dim", "log_every"):
