@@ -52,15 +52,13 @@ def tiny_model(image: np.ndarray, area: np.ndarray, steps: int = 60, seed: int =
     if arch == "resnet":
         from cytonet.models import SmallResNet
 
-        backbone = SmallResNet(widths=(8, 16, 32, 32))
-        model.trunk = nn.Sequential(backbone.stem, backbone.layers)
+        model.trunk, model.net_stride = infer._split_backbone(SmallResNet(widths=(8, 16, 32, 32)))
     else:  # plain CNN, 4 stride-2 3x3 convs: net stride 16, receptive-field margin 15 px
         layers: list[nn.Module] = []
         for cin, cout in ((1, 8), (8, 16), (16, 32), (32, 32)):
             layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        model.trunk = nn.Sequential(*layers)
+        model.trunk, model.net_stride = nn.Sequential(*layers), 16
     model.head = nn.Linear(32, len(AREAS))
-    model.net_stride = 16
     dm = infer.as_dense_model(model, window_px=S, pixel_size_um=PX_UM, area_ids=[a[0] for a in AREAS],
                               area_names=[a[1] for a in AREAS])
     # windows whose centre lies well inside one area
@@ -302,3 +300,28 @@ def test_bad_inputs_name_the_file(tmp_path, section, model):
     with pytest.raises(infer.InferenceError, match="missing.pt"):
         infer.infer_section(p["image"], p["mask"], tmp_path / "missing.pt", p["areas"], tmp_path / "o", **kw)
     assert not (tmp_path / "o" / "sec_infer.json").exists()
+
+
+def test_finetune_checkpoint(tmp_path, section):
+    """A finetune classifier.pt (format cytonet-classifier/1) loads as a DenseModel and matches its forward."""
+    from cytonet.finetune import Classifier
+    from cytonet.models import build_encoder, normalize_uint8
+
+    torch.manual_seed(0)
+    enc = build_encoder("small", 16)
+    clf = Classifier(enc, len(AREAS)).eval()
+    ck = {"format": "cytonet-classifier/1", "spec": enc.spec(), "encoder": enc.state_dict(),
+          "head": clf.head.state_dict(), "area_ids": [a[0] for a in AREAS], "area_names": [a[1] for a in AREAS],
+          "input_px": S, "patch_px": S, "pixel_size_um": PX_UM}
+    path = tmp_path / "classifier.pt"
+    torch.save(ck, path)
+    dm = infer.load_classifier(path)
+    assert dm.window_px == S and dm.pixel_size_um == PX_UM and dm.area_ids == [1, 2, 3]
+    x = torch.randint(0, 256, (2, S, S), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(dm.classify(dm.preprocess(x)), clf(normalize_uint8(x)), atol=1e-5)
+    del ck["pixel_size_um"]
+    torch.save(ck, tmp_path / "nores.pt")
+    with pytest.raises(infer.InferenceError, match="nores.pt"):
+        infer.load_classifier(tmp_path / "nores.pt")
+    assert infer.load_classifier(tmp_path / "nores.pt", pixel_size_um=4.0).pixel_size_um == 4.0
