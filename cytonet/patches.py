@@ -413,9 +413,13 @@ class TileCache:
             self.tiles.move_to_end(key)
         return arr
 
-    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Rectangle [y0, y0+h) × [x0, x0+w) of the level, zero outside the image (as ``region``)."""
-        out = np.zeros((h, w), np.uint8)
+    def read(self, y0: int, x0: int, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rectangle [y0, y0+h) × [x0, x0+w) of the level, zero outside the image (as ``region``), into ``out``."""
+        inside = y0 >= 0 and x0 >= 0 and y0 + h <= self.shape[0] and x0 + w <= self.shape[1]
+        if out is None:
+            out = np.empty((h, w), np.uint8) if inside else np.zeros((h, w), np.uint8)
+        elif not inside:
+            out[...] = 0
         th, tw = self.th, self.tw
         ya, yb = max(y0, 0), min(y0 + h, self.shape[0])
         xa, xb = max(x0, 0), min(x0 + w, self.shape[1])
@@ -507,7 +511,10 @@ def _extract_task_inner(task: dict[str, Any]) -> dict[str, Any]:
                     level, f = level_and_factor(sec, t)
                     sections[si] = (TileCache(sec, level), f)
                 cache, f = sections[si]
-                buf[i] = cut_patch(cache.read, int(tx0[pos]), int(ty0[pos]), S, f)
+                if abs(f - 1.0) < 1e-6:  # same grid: tiles go straight into the shard buffer (no extra copy)
+                    cache.read(int(ty0[pos]), int(tx0[pos]), S, S, out=buf[i])
+                else:
+                    buf[i] = cut_patch(cache.read, int(tx0[pos]), int(ty0[pos]), S, f)
             except Exception as exc:  # noqa: BLE001 - reported to the driver with section and file
                 for cache, _ in sections.values():
                     cache.close()
