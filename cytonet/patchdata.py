@@ -121,9 +121,14 @@ def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def augment(patch: np.ndarray | torch.Tensor, gen: torch.Generator, cfg: AugmentConfig | None = None,
             out_px: int | None = None) -> torch.Tensor:
-    """uint8 [H, W] -> augmented, normalised float32 [1, out_px, out_px]."""
+    """uint8 [H, W] (numpy, or a tensor on any device) -> augmented, normalised float32 [1, out_px, out_px].
+
+    Random draws come from the CPU generator `gen`; the pixel work runs where `patch` lives (GPU-side
+    augmentation for large patches, see pretrain config key augment_on).
+    """
     cfg = cfg or AugmentConfig()
-    x = torch.as_tensor(np.asarray(patch)).float().div_(255.0)[None, None]  # [1,1,H,W] in [0,1]
+    t = patch if isinstance(patch, torch.Tensor) else torch.as_tensor(np.asarray(patch))
+    x = t.float().div_(255.0)[None, None]  # [1,1,H,W] in [0,1]
     size = out_px or x.shape[-1]
 
     def u(lo: float, hi: float) -> float:
@@ -139,7 +144,7 @@ def augment(patch: np.ndarray | torch.Tensor, gen: torch.Generator, cfg: Augment
     max_shift = 1.0 - s
     tx, ty = u(-max_shift, max_shift), u(-max_shift, max_shift)
     theta = torch.tensor([[s * math.cos(angle), -s * math.sin(angle), tx],
-                          [s * math.sin(angle), s * math.cos(angle), ty]], dtype=torch.float32)[None]
+                          [s * math.sin(angle), s * math.cos(angle), ty]], dtype=torch.float32, device=x.device)[None]
     grid = F.affine_grid(theta, [1, 1, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Intensity: gamma (applied on [0,1]), then contrast about the mean and brightness shift.
@@ -149,7 +154,10 @@ def augment(patch: np.ndarray | torch.Tensor, gen: torch.Generator, cfg: Augment
     if torch.rand((), generator=gen) < cfg.blur_p:
         x = _gauss_blur(x, u(*cfg.blur_sigma))
     if torch.rand((), generator=gen) < cfg.noise_p:
-        x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
+        if x.device.type == "cpu":
+            x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
+        else:  # a CPU generator cannot fill device memory; the device's own RNG is seeded per rank
+            x = x + cfg.noise_std * torch.randn(x.shape, device=x.device)
     return normalize_uint8(x.clamp_(0, 1)[0])[0]
 
 
@@ -178,8 +186,8 @@ class SpatialPairDataset(Dataset):
     """
 
     def __init__(self, stores: PatchStores, radius_mm: float, seed: int = 0, within_brain: bool = True,
-                 out_px: int | None = None, aug: AugmentConfig | None = None) -> None:
-        self.stores, self.radius, self.seed = stores, float(radius_mm), seed
+                 out_px: int | None = None, aug: AugmentConfig | None = None, raw: bool = False) -> None:
+        self.stores, self.radius, self.seed, self.raw = stores, float(radius_mm), seed, raw
         self.xyz = stores.xyz()
         self.tree = cKDTree(self.xyz)
         self.brain = stores.table["store"].to_numpy() if within_brain else None
@@ -200,10 +208,19 @@ class SpatialPairDataset(Dataset):
         anchor, key = int(item[0]), int(item[1])
         gen = _item_generator(self.seed, key, 1)
         other, fallback = self.partner(anchor, gen)
-        v1 = augment(self.stores.read(anchor), gen, self.aug, self.out_px)
-        v2 = augment(self.stores.read(other), gen, self.aug, self.out_px)
-        return {"view1": v1, "view2": v2, "xyz1": torch.tensor(self.xyz[anchor], dtype=torch.float32),
+        if self.raw:  # augmentation happens later on the device (augment_views): ship uint8 and the draw key
+            v1, v2 = torch.from_numpy(self.stores.read(anchor).copy()), torch.from_numpy(self.stores.read(other).copy())
+        else:
+            v1 = augment(self.stores.read(anchor), gen, self.aug, self.out_px)
+            v2 = augment(self.stores.read(other), gen, self.aug, self.out_px)
+        return {"view1": v1, "view2": v2, "key": torch.tensor(key), "xyz1": torch.tensor(self.xyz[anchor], dtype=torch.float32),
                 "xyz2": torch.tensor(self.xyz[other], dtype=torch.float32), "fallback": torch.tensor(fallback)}
+
+
+def augment_views(raw: torch.Tensor, keys: torch.Tensor, seed: int, salt: int, aug: AugmentConfig | None = None,
+                  out_px: int | None = None) -> torch.Tensor:
+    """Augment a raw uint8 batch [B,H,W] where it lives (e.g. on the GPU), randomness keyed by draw."""
+    return torch.stack([augment(r, _item_generator(seed, int(k), salt), aug, out_px) for r, k in zip(raw, keys)])
 
 
 class AnchorSampler(Sampler):

@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "sigma_mm": None,          # σ of the weighted variant (None: radius_mm)
     "within_brain": True,      # partners come from the anchor's own brain
     "input_px": None,          # network input size (None: the store's patch size)
+    "augment_on": "loader",    # loader: augment in DataLoader workers | device: ship uint8, augment on the
+                               # training device (for 2048 px patches on GPU, where CPU workers cannot keep up)
     "num_workers": 2,          # DataLoader workers per rank
     "checkpoint_every": 500,   # steps between checkpoints (rank 0)
     "keep_checkpoints": 2,
@@ -75,6 +77,8 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"config key 'encoder': {out['encoder']!r} is not one of {ENCODERS}")
     if out["precision"] not in ("auto", "bf16", "fp32"):
         raise ValueError(f"config key 'precision': {out['precision']!r} is not auto, bf16 or fp32")
+    if out["augment_on"] not in ("loader", "device"):
+        raise ValueError(f"config key 'augment_on': {out['augment_on']!r} is not 'loader' or 'device'")
     if out["loss"] not in LOSSES:
         raise ValueError(f"config key 'loss': {out['loss']!r} is not one of {LOSSES}")
     for key in ("samples", "epochs", "batch_size", "checkpoint_every", "embedding_dim", "log_every"):
@@ -263,7 +267,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader
 
-    from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs
+    from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, augment_views, collate_pairs
 
     cfg = validate_config(config)
     out = Path(out_dir)
@@ -276,7 +280,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
 
     data = PatchStores(stores)
     ds = SpatialPairDataset(data, cfg["radius_mm"], seed=cfg["seed"], within_brain=cfg["within_brain"],
-                            out_px=cfg["input_px"])
+                            out_px=cfg["input_px"], raw=cfg["augment_on"] == "device")
     sampler = AnchorSampler(len(data), plan["draws_per_rank"], env.rank, env.world_size, cfg["seed"])
     loader = DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, collate_fn=collate_pairs, drop_last=True,
                         num_workers=cfg["num_workers"], pin_memory=dev.type == "cuda",
@@ -353,8 +357,11 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         for batch in it:
             t_got = time.perf_counter()
             # Copy the pinned halves separately (a CPU-side cat would make a pageable copy and block).
-            v = to_input(torch.cat([batch["view1"].to(dev, non_blocking=True),
-                                    batch["view2"].to(dev, non_blocking=True)]), dev)
+            v1, v2 = batch["view1"].to(dev, non_blocking=True), batch["view2"].to(dev, non_blocking=True)
+            if cfg["augment_on"] == "device":
+                v1 = augment_views(v1, batch["key"], cfg["seed"], 2, out_px=cfg["input_px"])
+                v2 = augment_views(v2, batch["key"], cfg["seed"], 3, out_px=cfg["input_px"])
+            v = to_input(torch.cat([v1, v2]), dev)
             with autocast(dev, cfg["precision"]):
                 z = ddp(v)
             z1, z2 = z.float().chunk(2)

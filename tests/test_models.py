@@ -105,3 +105,10 @@ def test_local_world_size() -> None:
     assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
     assert local_world_size({"SLURM_NTASKS_PER_NODE": "4(x2)"}) == 4
     assert local_world_size({}, default=3) == 3
+
+
+def test_augment_tensor_input_matches_numpy() -> None:
+    patch = np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8)
+    a = augment(patch, torch.Generator().manual_seed(7))
+    b = augment(torch.from_numpy(patch), torch.Generator().manual_seed(7))  # the device-side path's input
+    assert torch.allclose(a, b)

@@ -214,3 +214,9 @@ def test_loss_decreases_and_close_patches_embed_closer(store: Path, tmp_path: Pa
           f"step {log['step_s'].mean()*1e3:.1f} ms")
     assert end < start - 0.3
     assert d > 0.8 and d > d0 + 0.3
+
+
+def test_device_side_augmentation_runs(store: Path, tmp_path: Path) -> None:
+    res = pretrain([store], tmp_path, {"steps": 2, "batch_size": 4, "num_workers": 0, "radius_mm": 0.6,
+                                       "threads": 1, "augment_on": "device"}, progress=False)
+    assert res["step"] == 2 and (tmp_path / "encoder.pt").exists()
