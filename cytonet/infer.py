@@ -398,7 +398,11 @@ def _iter_blocks(grid: Grid, tissue: np.ndarray, block: int) -> Iterator[_Block]
         for j0, j1 in _blocks(gw, block):
             t = tissue[i0:i1, j0:j1]
             if t.any():
-                yield _Block(i0, i1, j0, j1, t)
+                # shrink to the tissue's bounding box: the dense trunk then skips background at section edges
+                # (the full halo keeps the result independent of where a tile starts)
+                rows, cols = np.nonzero(t.any(1))[0], np.nonzero(t.any(0))[0]
+                a0, a1, b0, b1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+                yield _Block(i0 + a0, i0 + a1, j0 + b0, j0 + b1, t[a0:a1, b0:b1])
 
 
 def _tile_px(grid: Grid, n: int) -> int:
