@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-demo": ("cytonet.synth.cli", "generate the demo brains (or one brain, or a benchmark section)"),
     "mask": ("cytonet.mask", "compute the tissue mask of an image or a section"),
     "patches": ("cytonet.patches", "sample and extract patches of one brain into a Zarr store"),
+    "pretrain": ("cytonet.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun/single)"),
+    "finetune": ("cytonet.finetune", "train an area classifier on the labelled patches of the known brains"),
+    "infer": ("cytonet.infer", "map a whole section: probability, area and entropy maps"),
 }
 
 

@@ -4,7 +4,9 @@ Algorithm (at a working grid of ``resolution_um`` µm/px, e.g. 16-64; the image 
 anti-aliasing by :mod:`cytonet.readers`):
 
 1. **Glass colours.** Pixels that are locally flat (3×3 std below a noise floor) and bright are binned by colour; the
-   bins holding >= 1 % of the image whose brightness is within ``glass_band`` of the brightest such bin are the
+   bins holding >= 0.3 % of the image whose brightness is within ``glass_band`` of the brightest such bin are
+   candidates. The brightest is glass; another is glass only when a large flat region of it (pixels nearest to that
+   colour) reaches the outer glass, so flat pale white matter enclosed by cortex never becomes a glass colour. These are the
    glass / background colours (e.g. white outside the slide *and* the slightly tinted slide itself). Dark flat areas
    (black scanner frames) are never glass.
 2. **Tissue candidates** are pixels whose (lightly smoothed) colour differs from every glass colour by more than a
@@ -12,7 +14,7 @@ anti-aliasing by :mod:`cytonet.readers`):
    matter, which is only slightly darker than glass (and for RGB also tinted), where a global Otsu threshold fails.
 3. **Artefact pixels** are removed: near-black pixels (frames, ink) and, for colour stains, dark *achromatic*
    pixels (pen marks, grid lines, text, debris), whose chroma is small relative to their darkness. A 3×3 opening
-   cuts thin lines and bridges; components that vanish under a 7×7 erosion (lines, frame rims, hairs) go.
+   cuts thin lines and bridges; components that vanish under a 9×9 erosion (lines, frame rims, hairs) go.
 4. **Components** are filtered: small ones (area < ``min_component_fraction`` of the largest piece, or below an
    absolute area in mm²) are dust or labels; ones whose median is near-black or that are mostly achromatic-dark are
    rejected. Several large pieces are all kept.
@@ -81,8 +83,8 @@ def _disk(r: int) -> np.ndarray:
     return (yy * yy + xx * xx) <= r * r + 0.5
 
 
-def _glass_colours(col: np.ndarray, grey_raw: np.ndarray, glass_band: float) -> tuple[np.ndarray, float]:
-    """Estimate the glass colours (k, C) and their noise level from flat bright pixels."""
+def _glass_colours(col: np.ndarray, grey_raw: np.ndarray, glass_band: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """Estimate the glass colours (k, C), their noise level and the map of flat bright pixels they come from."""
     n = grey_raw.size
     # Texture on the *unsmoothed* image: glass is flat, while even pale white matter carries fibre/cell texture.
     std = _local_std(grey_raw, 3)
@@ -110,7 +112,14 @@ def _glass_colours(col: np.ndarray, grey_raw: np.ndarray, glass_band: float) -> 
     # Glass noise after the caller's smoothing (robust: MAD around the nearest kept colour).
     d = np.min(np.linalg.norm(fc[sel][:, None, :] - cols[None], axis=-1), axis=1)
     noise = float(np.median(d)) * 1.4826
-    return cols, noise
+    return cols, noise, flat
+
+
+def _reaches(region: np.ndarray, target: np.ndarray, min_px: float) -> bool:
+    """Whether a connected piece of ``region`` of at least ``min_px`` pixels touches ``target``."""
+    lab, _ = ndimage.label(region)
+    touching = np.unique(lab[target & (lab > 0)])
+    return bool(touching.size) and float(np.max(ndimage.sum_labels(region, lab, touching))) >= min_px
 
 
 def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | None = None, *,
@@ -146,8 +155,7 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     # Light smoothing: noise in flat glass averages out, so a small colour offset (pale WM) becomes significant.
     g_s = ndimage.gaussian_filter(grey, 1.0)
     col = np.dstack([ndimage.gaussian_filter(rgb[..., c], 1.0) for c in range(3)]) if rgb is not None else g_s[..., None]
-    glass, noise = _glass_colours(col, grey, glass_band)
-    info["glass_colours"] = glass.round(1).tolist()
+    glass, noise, flat = _glass_colours(col, grey, glass_band)
     info["glass_noise"] = noise
     # 2. glass map. The brightest flat colour is glass everywhere. Other flat colours (a tinted slide on a white
     # scan background) count as glass only where their region touches the image border or the outer glass, so a
@@ -155,17 +163,27 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     thr = max(min_contrast, k_noise * noise) * (math.sqrt(col.shape[-1]) if col.shape[-1] > 1 else 1.0) ** 0.5
     info["threshold"] = thr
     light = glass.mean(axis=1)
-    primary = light >= light.max() - 8.0
     dists = np.linalg.norm(col[:, :, None, :] - glass[None, None, :, :], axis=-1)
+    # The brightest flat colour (with the black frame) defines the outer glass.
+    edge = np.zeros((H, W), bool)
+    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
+    blab, _ = ndimage.label((dists[..., int(np.argmax(light))] <= thr) | (g_s < 35.0))
+    outer = np.isin(blab, np.unique(blab[edge & (blab > 0)]))
+    near_outer = ndimage.binary_dilation(outer, iterations=2) | edge
+    # Any other flat colour is glass only when a large flat region of it reaches the outer glass (a tinted slide
+    # does). Flat pale white matter enclosed by cortex does not: taking its colour for glass would lose it, and
+    # with it the pale layer-I rim that touches the outer glass.
+    nearest_all = np.argmin(dists, axis=-1)
+    accepted = [j for j in range(len(glass)) if light[j] == light.max()
+                or _reaches(flat & (nearest_all == j) & (dists[..., j] <= thr), near_outer, 0.005 * H * W)]
+    glass, light, dists = glass[accepted], light[accepted], dists[..., accepted]
+    info["glass_colours"] = glass.round(1).tolist()
+    primary = light >= light.max() - 8.0
     nearest = np.argmin(dists, axis=-1)
     dist_primary = np.min(dists[..., primary], axis=-1)
     glass_map = dist_primary <= thr
     if (~primary).any():
-        edge = np.zeros((H, W), bool)
-        edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-        blab, _ = ndimage.label(glass_map | (g_s < 35.0))
-        outer = np.isin(blab, np.unique(blab[edge & (blab > 0)]))
-        near_outer = ndimage.binary_dilation(outer, iterations=2) | edge
+        # Secondary glass colours count as glass only where their region touches the outer glass.
         sec_map = np.min(dists[..., ~primary], axis=-1) <= thr
         slab, _ = ndimage.label(sec_map)
         touching = np.unique(slab[near_outer & sec_map])
@@ -193,9 +211,9 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     art |= black_zone
     cand &= ~art
     cand = ndimage.binary_opening(cand, structure=np.ones((3, 3), bool))
-    # Drop structures thinner than ~7 px everywhere (grid lines, frame rims, hairs): keep only components that
-    # survive a 7x7 erosion somewhere, with their full extent (reconstruction).
-    core = ndimage.binary_erosion(cand, structure=np.ones((7, 7), bool))
+    # Drop structures thinner than ~9 px everywhere (grid lines, frame rims, hairs, pen strokes, which the
+    # pre-smoothing widens): keep only components that survive a 9x9 erosion somewhere, with their full extent.
+    core = ndimage.binary_erosion(cand, structure=np.ones((9, 9), bool))
     lab0, n0 = ndimage.label(cand, structure=np.ones((3, 3), bool))
     cand = np.isin(lab0, np.unique(lab0[core]))
     cand[lab0 == 0] = False

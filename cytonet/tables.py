@@ -93,8 +93,8 @@ def _coerce(value: str, prop: dict, path: Path, kind: str, line: int, col: str):
     return value
 
 
-def _resolve(value: str | None, base: Path) -> str | None:
-    if value is None:
+def _resolve(value: str | float | None, base: Path) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())

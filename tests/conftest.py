@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from synth_fixtures import small_demo  # noqa: F401  (session fixture: a small generated demo, shared by modules)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CYTONET_SHARED_DATA", REPO.parent / "shared" / "data"))
 

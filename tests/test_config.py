@@ -54,3 +54,15 @@ def test_snakemake_stops_before_any_job_on_misspelt_key(repo, tmp_path):
     )
     assert result.returncode != 0
     assert "mask.resolutoin_um" in result.stdout + result.stderr
+
+
+def test_demo_schema_mirrors_generator_parameters(repo):
+    from dataclasses import fields
+
+    from cytonet.synth import DemoParams
+
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    keys = set(schema["properties"]["demo"]["properties"]) - {"enabled"}
+    assert keys == {f.name for f in fields(DemoParams)}
+    # Every schema default is accepted by the generator itself.
+    DemoParams.from_cfg({k: v for k, v in validate_config({})["demo"].items() if k != "enabled"})

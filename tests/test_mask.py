@@ -225,3 +225,21 @@ def test_mouse_dab_plausible(tmp_path: Path) -> None:
         assert not m[:5].any() and not m[-5:].any() and not m[:, :5].any() and not m[:, -5:].any(), f.name
         lab, n = ndimage.label(m)
         assert np.bincount(lab.ravel())[1:].max() / m.sum() > 0.5, f.name
+
+
+# ------------------------------------------------------------------------------------------------------ demo brains
+
+
+def test_masks_match_demo_ground_truth(small_demo: Path, tmp_path: Path) -> None:
+    """Every section of every demo brain: IoU >= 0.95 against the generator's tissue mask (pale WM, layer I kept)."""
+    from skimage.transform import resize
+
+    scores = {}
+    for image in sorted(small_demo.glob("*/images/*.ome.tif")):
+        section = image.name.removesuffix(".ome.tif")
+        result = mask_image(image, tmp_path / f"{section}.png", resolution_um=32)
+        truth = np.asarray(Image.open(image.parent.parent / "truth" / f"{section}_tissue.png")) > 0
+        truth = resize(truth.astype(np.float32), result.shape, order=1, anti_aliasing=True) > 0.5
+        scores[section] = iou(result.mask, truth)
+    assert len(scores) == 12
+    assert min(scores.values()) >= 0.95, scores

@@ -17,7 +17,7 @@ from cytonet.synth import analysis as an
 from cytonet.synth.reference import AREAS, area_models, derive_reference, load_packaged, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_fixtures import SMALL_DEMO, small_demo  # noqa: E402,F401  (session fixture)
+from synth_fixtures import SMALL_DEMO  # noqa: E402  (small_demo itself comes from conftest)
 
 BRAINS = ["demo1", "demo2", "demo3", "demo4"]
 AREA_ID = {name: i + 1 for i, (name, _) in enumerate(AREAS)}

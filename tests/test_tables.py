@@ -105,3 +105,10 @@ def test_transform_affine_and_field(tmp_path):
     t2 = SectionTransform.from_spec("t.npz", tmp_path)
     np.testing.assert_allclose(t2.to_mm([50], [50]), [[0.2, 0.2, 1.7]])
     assert SectionTransform.from_spec(t.to_spec()).affine.tolist() == t.affine.tolist()
+
+
+def test_optional_path_columns_may_be_empty(images):
+    table = write(images / "s.csv", f"section_id,image,z_um,transform,annotation\ns1,a.png,0,{AFFINE},b.png\ns2,a.png,1,{AFFINE},\n")
+    sections = load_sections(table)
+    assert sections.annotation[0] == str((images / "b.png").resolve())
+    assert sections.annotation.isna()[1]

@@ -17,6 +17,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the make-demo options."""
     parser.add_argument("--out", type=Path, help="output folder (default: demo.out_dir of the config, or 'demo')")
     parser.add_argument("--config", type=Path, help="config YAML; its 'demo:' section gives the parameters")
+    parser.add_argument("--params", help="the demo parameters as one JSON object (what the workflow passes)")
+    parser.add_argument("--tables-only", action="store_true", help="write only areas.csv and brains.csv")
     parser.add_argument("--brain", help="generate only this brain (e.g. demo1)")
     parser.add_argument("--big-section", type=int, metavar="SIZE_PX",
                         help="benchmark mode: write one SIZE_PX x SIZE_PX section tile by tile")
@@ -40,6 +42,12 @@ def _demo_cfg(args: argparse.Namespace) -> dict:
 
         with open(args.config) as fh:
             cfg = dict((yaml.safe_load(fh) or {}).get("demo") or {})
+    if args.params:
+        import json
+
+        cfg.update(json.loads(args.params))
+    # `enabled` belongs to the workflow (use the demo as input or not), not to the generator.
+    cfg.pop("enabled", None)
     for f in _OVERRIDES:
         val = getattr(args, f.name, None)
         if val is not None:
@@ -67,9 +75,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         p = DemoParams.from_cfg(cfg)
         out = args.out or Path(p.out_dir)
+        if args.tables_only:
+            areas, brains = demo.write_tables(p, out)
+            print(f"wrote {areas} and {brains}")
+            return 0
         if args.brain:
+            # The tables are written by their own job (--tables-only), so parallel brain jobs never race on them.
             table = demo.generate_brain(args.brain, p, out, progress=not args.no_progress)
-            demo.write_tables(p, out)
             print(f"wrote brain {args.brain}: {table}")
         else:
             brains = demo.generate_demo(p, out, progress=not args.no_progress)

@@ -198,7 +198,6 @@ def generate_brain(brain_id: str, demo_cfg: dict[str, Any] | DemoParams | None, 
     else:
         rows = list(_progress(map(_write_section, jobs), len(jobs), brain_id, progress))
     thumb = next(r["_thumb"] for r in rows if r["_thumb"] is not None)
-    write_areas(out / "areas.csv")
     write_preview(out / "previews" / f"{brain_id}.png", *thumb, title=f"{brain_id} ({p.role(brain_id)})")
     table = bdir / "sections.csv"
     with open(table, "w", newline="") as fh:

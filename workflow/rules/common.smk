@@ -10,6 +10,10 @@ wildcard_constraints:
     section="[A-Za-z0-9_-]+",
 
 
+# The generator's own parameters: the demo section without the workflow's `enabled` switch.
+DEMO_PARAMS = {k: v for k, v in config["demo"].items() if k != "enabled"}
+
+
 def _plan_sections() -> pd.DataFrame:
     """One row per section: brain_id, section_id, image, pixel_size_um (NaN when the image metadata has it)."""
     if config["demo"]["enabled"]:
@@ -19,7 +23,7 @@ def _plan_sections() -> pd.DataFrame:
         out = config["demo"]["out_dir"]
         rows = [
             {"brain_id": b, "section_id": s, "image": f"{out}/{b}/images/{s}.ome.tif", "pixel_size_um": float("nan")}
-            for b, sections in layout(config["demo"]).items()
+            for b, sections in layout(DEMO_PARAMS).items()
             for s in sections
         ]
         return pd.DataFrame(rows)

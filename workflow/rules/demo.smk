@@ -15,7 +15,7 @@ if config["demo"]["enabled"]:
             brains=f"{DEMO}/brains.csv",
             areas=f"{DEMO}/areas.csv",
         params:
-            demo=as_json(config["demo"]),
+            demo=as_json(DEMO_PARAMS),
         log:
             f"{R}/logs/demo/tables.log",
         shell:
@@ -33,7 +33,7 @@ if config["demo"]["enabled"]:
                 images=[f"{DEMO}/{_brain}/images/{s}.ome.tif" for s in sections_of(_brain)],
             params:
                 brain=_brain,
-                demo=as_json(config["demo"]),
+                demo=as_json(DEMO_PARAMS),
             log:
                 f"{R}/logs/demo/{_brain}.log",
             shell:
