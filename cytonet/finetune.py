@@ -277,7 +277,8 @@ def finetune(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     model = model.cpu()
     _atomic_save({"format": "cytonet-classifier/1", "spec": encoder.spec(), "encoder": model.encoder.state_dict(),
                   "head": model.head.state_dict(), "area_ids": area_ids, "area_names": area_names,
-                  "input_px": cfg["input_px"] or data.patch_px, "patch_px": data.patch_px, "config": cfg,
+                  "input_px": cfg["input_px"] or data.patch_px, "patch_px": data.patch_px,
+                  "pixel_size_um": data.pixel_size_um, "config": cfg,
                   "encoder_checkpoint": str(encoder_checkpoint) if encoder_checkpoint else None,
                   "history": history}, out / "classifier.pt")
     return {"history": history, "n_train": int(train_m.sum()), "n_val": int(val_m.sum()), "area_ids": area_ids}

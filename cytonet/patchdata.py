@@ -29,7 +29,7 @@ class PatchStores:
         if not stores:
             raise ValueError("no patch stores given")
         self.paths = [Path(s) for s in stores]
-        tables, sizes, self.brains = [], [], []
+        tables, sizes, self.brains, ums = [], [], [], []
         for i, p in enumerate(self.paths):
             if not (p / "patches.parquet").exists() or not (p / "patches.zarr").exists():
                 raise FileNotFoundError(f"{p}: not a patch store (needs patches.zarr and patches.parquet)")
@@ -46,10 +46,14 @@ class PatchStores:
             t = t.assign(store=i, row=np.arange(len(t), dtype=np.int64))
             tables.append(t)
             sizes.append(shape[1])
+            ums.append(attrs.get("pixel_size_um"))
             self.brains.append(str(attrs.get("brain", t["brain"].iloc[0] if len(t) else p.name)))
         if len(set(sizes)) > 1:
             raise ValueError(f"patch sizes differ between stores: {dict(zip(map(str, self.paths), sizes))}")
+        if len({u for u in ums if u is not None}) > 1:
+            raise ValueError(f"pixel sizes differ between stores: {dict(zip(map(str, self.paths), ums))}")
         self.patch_px = sizes[0]
+        self.pixel_size_um = next((float(u) for u in ums if u is not None), None)
         self.table = pd.concat(tables, ignore_index=True)
         self._arrays: list | None = None
         self._pid: int | None = None

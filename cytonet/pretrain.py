@@ -424,7 +424,8 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         if tb is not None:
             tb.close()
         atomic_save({"format": "cytonet-encoder/1", "spec": model.spec(), "state_dict": model.state_dict(),
-                     "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px, "config": cfg,
+                     "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px,
+                     "pixel_size_um": data.pixel_size_um, "config": cfg,
                      "step": step, "stores": [str(s) for s in stores]}, out / "encoder.pt")
         summary = {k: v for k, v in result.items() if k != "logits_shape"}
         # Which side bounds the run: the share of step time spent waiting for the loader.

@@ -35,7 +35,7 @@ def test_linear_probe_and_predict(stores, tmp_path: Path) -> None:
     p = predict(tmp_path / "classifier.pt", patches)
     assert p.shape == (7, 3) and np.allclose(p.sum(1), 1, atol=1e-5) and (p >= 0).all()
     ck = torch.load(tmp_path / "classifier.pt", weights_only=False)
-    assert ck["area_ids"] == [1, 2, 3]
+    assert ck["area_ids"] == [1, 2, 3] and ck["pixel_size_um"] == 2.0 and ck["patch_px"] == 32
 
 
 def test_full_finetune_from_pretrained(stores, tmp_path: Path) -> None:
