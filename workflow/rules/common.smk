@@ -3,6 +3,7 @@ import json
 
 import pandas as pd
 
+from cytonet.fingerprint import fingerprint
 from cytonet.tables import load_all_sections
 
 wildcard_constraints:

@@ -16,6 +16,7 @@ if config["demo"]["enabled"]:
             areas=f"{DEMO}/areas.csv",
         params:
             demo=as_json(DEMO_PARAMS),
+            code=fingerprint("synth"),
         log:
             f"{R}/logs/demo/tables.log",
         shell:
@@ -34,6 +35,7 @@ if config["demo"]["enabled"]:
             params:
                 brain=_brain,
                 demo=as_json(DEMO_PARAMS),
+                code=fingerprint("synth"),
             log:
                 f"{R}/logs/demo/{_brain}.log",
             shell:

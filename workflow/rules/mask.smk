@@ -14,6 +14,7 @@ rule mask:
     params:
         resolution=config["mask"]["resolution_um"],
         pixel_size=pixel_size_option,
+        code=fingerprint("mask", "readers"),  # edits to these modules rerun masking
     threads: config["threads"]["mask"]
     log:
         f"{R}/logs/mask/{{brain}}/{{section}}.log",

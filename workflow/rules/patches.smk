@@ -26,6 +26,7 @@ rule patches:
         patches=as_json(config["patches"]),
         out=f"{R}/patches/{{brain}}",
         masks=f"{R}/masks/{{brain}}",
+        code=fingerprint("patches", "readers", "tables", "transforms"),
     threads: config["threads"]["patches"]
     log:
         f"{R}/logs/patches/{{brain}}.log",
