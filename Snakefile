@@ -20,6 +20,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/mask.smk"
 include: "workflow/rules/patches.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/infer.smk"
 
 
 rule all:
@@ -28,3 +31,5 @@ rule all:
         demo_outputs(),
         all_masks(),
         all_patch_stores(),
+        expand(f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt", model=MODELS, seed=SEEDS),
+        all_maps(),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cytonet.params import add_params_arguments, parse_params
 from cytonet.models import autocast, build_encoder, normalize_uint8, prepare_model, to_input
 
 DEFAULTS: dict[str, Any] = {
@@ -323,15 +324,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--areas", help="areas table (area_id, name) fixing the class list and order")
     parser.add_argument("--brains", help="brains table (brain_id, role): refuse stores of brains not 'known'")
     parser.add_argument("--known-brain", action="append", default=[], help="brain id allowed for training (repeat)")
-    parser.add_argument("--params", help="YAML/JSON file of config keys")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="config key (repeat)")
+    add_params_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``cytonet finetune``."""
-    from cytonet.pretrain import parse_params
 
     cfg = parse_params(args.params, args.param)
     if args.threads:

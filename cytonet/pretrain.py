@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cytonet import distributed as cdist
+from cytonet.params import add_params_arguments, parse_params
 from cytonet.models import autocast, build_encoder, prepare_model, to_input
 
 # Defaults (documented in the report / docs): every key here may be set with --param key=value or a YAML/JSON file.
@@ -450,30 +451,11 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> "torch.nn.Modul
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-def parse_params(path: str | None, pairs: Sequence[str] | None) -> dict[str, Any]:
-    """Read a YAML/JSON params file, then apply key=value pairs (values parsed as YAML: 1e-3, true, null)."""
-    import yaml
-
-    params: dict[str, Any] = {}
-    if path:
-        text = Path(path).read_text()
-        params = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
-        if not isinstance(params, dict):
-            raise ValueError(f"{path}: params file must hold a mapping")
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--param {pair!r}: expected key=value")
-        key, value = pair.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``cytonet pretrain``."""
     parser.add_argument("--store", action="append", required=True, help="patch store folder (repeat; any brain)")
     parser.add_argument("--out", required=True, help="output folder (resumes from its newest checkpoint)")
-    parser.add_argument("--params", help="YAML/JSON file of config keys")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="config key (repeat)")
+    add_params_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, help="torch threads per rank (overrides config key 'threads')")
     parser.add_argument("--nproc", type=int, default=1, help="spawn N local ranks (without torchrun/srun)")

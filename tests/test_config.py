@@ -66,3 +66,14 @@ def test_demo_schema_mirrors_generator_parameters(repo):
     assert keys == {f.name for f in fields(DemoParams)}
     # Every schema default is accepted by the generator itself.
     DemoParams.from_cfg({k: v for k, v in validate_config({})["demo"].items() if k != "enabled"})
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_stage_schema_mirrors_module_defaults(repo, stage):
+    import importlib
+
+    defaults = importlib.import_module(f"cytonet.{stage}").DEFAULTS
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"][stage]["properties"]
+    assert set(props) == set(defaults)
+    assert {k: p["default"] for k, p in props.items()} == defaults

@@ -1,5 +1,6 @@
 # Shared planning: which brains and sections exist, where their images are.
 import json
+import os
 
 import pandas as pd
 
@@ -16,14 +17,16 @@ DEMO_PARAMS = {k: v for k, v in config["demo"].items() if k != "enabled"}
 
 
 def _plan_sections() -> pd.DataFrame:
-    """One row per section: brain_id, section_id, image, pixel_size_um (NaN when the image metadata has it)."""
+    """One row per section: brain_id, section_id, role, image, pixel_size_um (NaN when the metadata has it)."""
     if config["demo"]["enabled"]:
         # The demo brains do not exist before their rule runs, so plan from the generator's layout.
-        from cytonet.synth import layout
+        from cytonet.synth import DemoParams, layout
 
         out = config["demo"]["out_dir"]
+        role = DemoParams.from_cfg(DEMO_PARAMS).role
         rows = [
-            {"brain_id": b, "section_id": s, "image": f"{out}/{b}/images/{s}.ome.tif", "pixel_size_um": float("nan")}
+            {"brain_id": b, "section_id": s, "role": role(b), "image": f"{out}/{b}/images/{s}.ome.tif",
+             "pixel_size_um": float("nan")}
             for b, sections in layout(DEMO_PARAMS).items()
             for s in sections
         ]
@@ -60,3 +63,11 @@ def pixel_size_option(wildcards) -> str:
 def as_json(section: dict) -> str:
     """A config section as one shell-quoted JSON argument (params: so that changes trigger reruns)."""
     return "'" + json.dumps(section, sort_keys=True) + "'"
+
+
+def brains_table() -> str:
+    return f"{config['demo']['out_dir']}/brains.csv" if config["demo"]["enabled"] else config["brains"]
+
+
+def areas_table() -> str:
+    return f"{config['demo']['out_dir']}/areas.csv" if config["demo"]["enabled"] else config["areas"]

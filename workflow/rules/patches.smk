@@ -6,14 +6,6 @@ def all_patch_stores() -> list[str]:
     return [f"{R}/patches/{b}/manifest.json" for b in BRAINS]
 
 
-def brains_table() -> str:
-    return f"{DEMO}/brains.csv" if config["demo"]["enabled"] else config["brains"]
-
-
-def areas_table() -> str:
-    return f"{DEMO}/areas.csv" if config["demo"]["enabled"] else config["areas"]
-
-
 rule patches:
     input:
         masks=lambda wc: [f"{R}/masks/{wc.brain}/{s}.png" for s in sections_of(wc.brain)],

@@ -1,0 +1,42 @@
+# Finetuning: area classifiers trained on the annotated sections of the known brains, one job per compared model
+# and seed. "cytonet" starts from the SpatialNCE encoder, "random_init" from scratch with the same recipe, and
+# "ablation" is CytoNet with the finetune keys of evaluate.ablation_finetune changed.
+MODELS = ["cytonet", "random_init", "ablation"]
+SEEDS = config["evaluate"]["seeds"]
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    seed=r"\d+",
+
+
+def known_brains() -> list[str]:
+    return sorted(SECTIONS.loc[SECTIONS.role == "known", "brain_id"].unique())
+
+
+def finetune_params(wildcards) -> str:
+    params = dict(config["finetune"], seed=int(wildcards.seed))
+    if wildcards.model == "ablation":
+        params.update(config["evaluate"]["ablation_finetune"])
+    return as_json(params)
+
+
+rule finetune:
+    input:
+        stores=lambda wc: [f"{R}/patches/{b}/manifest.json" for b in known_brains()],
+        encoder=lambda wc: [] if wc.model == "random_init" else [f"{R}/pretrain/encoder.pt"],
+        brains=brains_table(),
+        areas=areas_table(),
+    output:
+        classifier=f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt",
+    params:
+        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
+        encoder=lambda wc, input: f"--encoder-checkpoint {input.encoder[0]}" if input.encoder else "",
+        finetune=finetune_params,
+        out=f"{R}/finetune/{{model}}/seed{{seed}}",
+        code=fingerprint("finetune", "models", "patchdata"),
+    threads: config["threads"]["finetune"]
+    log:
+        f"{R}/logs/finetune/{{model}}_seed{{seed}}.log",
+    shell:
+        "cytonet finetune {params.stores} {params.encoder} --out {params.out} --areas {input.areas}"
+        " --brains {input.brains} --params {params.finetune} --threads {threads} > {log} 2>&1"
