@@ -68,11 +68,12 @@ def test_demo_schema_mirrors_generator_parameters(repo):
     DemoParams.from_cfg({k: v for k, v in validate_config({})["demo"].items() if k != "enabled"})
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_stage_schema_mirrors_module_defaults(repo, stage):
+@pytest.mark.parametrize("stage, attribute", [("pretrain", "DEFAULTS"), ("finetune", "DEFAULTS"),
+                                              ("patches", "DEFAULT_PARAMS")])
+def test_stage_schema_mirrors_module_defaults(repo, stage, attribute):
     import importlib
 
-    defaults = importlib.import_module(f"cytonet.{stage}").DEFAULTS
+    defaults = getattr(importlib.import_module(f"cytonet.{stage}"), attribute)
     schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"][stage]["properties"]
     assert set(props) == set(defaults)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -14,39 +16,58 @@ from .tiff import write_pyramid_tiled
 MASK_FACTOR = 16
 
 
-def write_big_section(path: str | Path, size_px: int, pixel_size_um: float = 2.0, seed: int = 0,
-                      progress: bool = False) -> Path:
-    """Write a ``size_px``² phantom section as a tiled pyramidal OME-TIFF, strip by strip.
+STRIP_H = 1024
+BLOCK_W = 2048
 
-    Also writes its ground-truth tissue mask on a grid downsampled by 16 as ``<stem>_tissue_ds16.png``.
-    Memory: one strip of 1024 rows plus the reduced pyramid levels (~1/3 of the full image in uint8).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+@lru_cache(maxsize=2)
+def _renderer(size_px: int, pixel_size_um: float, seed: int):
+    """The section renderer (cached per process, so pool workers build it once)."""
     size_mm = size_px * pixel_size_um / 1000.0
     p = DemoParams(pixel_size_um=pixel_size_um, size_mm=max(8.0, min(400.0, size_mm)), seed=seed)
     brain = brain_model(p, 0, size_mm=size_mm)
-    shape = (size_px, size_px)
-    spec = make_section(p, brain, 0, 0, shape, 0.0)
-    r = spec.renderer
-    strip_h = 1024
-    block_w = 2048
+    return make_section(p, brain, 0, 0, (size_px, size_px), 0.0).renderer
 
-    def strips():
-        it = range(0, size_px, strip_h)
+
+def _render_strip(args: tuple[int, float, int, int]) -> np.ndarray:
+    size_px, pixel_size_um, seed, y = args
+    r = _renderer(size_px, pixel_size_um, seed)
+    h = min(STRIP_H, size_px - y)
+    strip = np.empty((h, size_px), np.uint8)
+    for x in range(0, size_px, BLOCK_W):
+        w = min(BLOCK_W, size_px - x)
+        strip[:, x:x + w] = r.render(y, x, h, w)["image"]
+    return strip
+
+
+def write_big_section(path: str | Path, size_px: int, pixel_size_um: float = 2.0, seed: int = 0,
+                      progress: bool = False, n_jobs: int = 1) -> Path:
+    """Write a ``size_px``² phantom section as a tiled pyramidal OME-TIFF, strip by strip.
+
+    Also writes its ground-truth tissue mask on a grid downsampled by 16 as ``<stem>_tissue_ds16.png``.
+    Memory: a few strips of 1024 rows (one per worker, plus those waiting to be written) and the reduced pyramid
+    levels (~1/3 of the full image in uint8). ``n_jobs`` worker processes render strips in parallel.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size_px, size_px)
+    r = _renderer(size_px, pixel_size_um, seed)
+    jobs = [(size_px, pixel_size_um, seed, y) for y in range(0, size_px, STRIP_H)]
+
+    def strips(pool):
+        # imap keeps the strips in order and only a bounded number in flight.
+        it = pool.imap(_render_strip, jobs) if pool else map(_render_strip, jobs)
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc="big section", unit="strip")
-        for y in it:
-            h = min(strip_h, size_px - y)
-            strip = np.empty((h, size_px), np.uint8)
-            for x in range(0, size_px, block_w):
-                w = min(block_w, size_px - x)
-                strip[:, x:x + w] = r.render(y, x, h, w)["image"]
-            yield strip
+            it = tqdm(it, total=len(jobs), desc="big section", unit="strip")
+        yield from it
 
-    write_pyramid_tiled(path, shape, strips(), pixel_size_um)
+    if n_jobs > 1:
+        with get_context("spawn").Pool(n_jobs) as pool:
+            write_pyramid_tiled(path, shape, strips(pool), pixel_size_um)
+    else:
+        write_pyramid_tiled(path, shape, strips(None), pixel_size_um)
     f = MASK_FACTOR
     n = (size_px + f - 1) // f
     mask = np.zeros((n, n), np.uint8)

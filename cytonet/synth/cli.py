@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
             p = DemoParams.from_cfg(cfg)
             px = cfg.get("pixel_size_um", 2.0)
-            path = write_big_section(args.output, args.big_section, px, p.seed, progress=not args.no_progress)
+            path = write_big_section(args.output, args.big_section, px, p.seed, progress=not args.no_progress,
+                                     n_jobs=p.n_jobs)
             print(f"wrote {path} ({args.big_section}x{args.big_section} px at {px} um) in {time.time() - t0:.1f} s")
             return 0
         p = DemoParams.from_cfg(cfg)
