@@ -1,0 +1,376 @@
+"""Per-section evaluation of an area map against the section's ground truth (``cytonet section-metrics``).
+
+Grid choice
+-----------
+Metrics are computed on the **prediction (output) grid**, the coarser of the two: the ground truth is reduced to
+it by the **mode** of the ground-truth pixels whose centres fall in each output cell (0 = "not cortex" takes part in
+the vote, ties go to the smaller value, so a cell is cortex only if cortex is its most common value). Why not the
+other way round: upsampling the prediction would only replicate each cell, inflating the pixel counts without adding
+information, and the ground truth at full resolution can be tens of gigapixels. Output cell (i, j) covers the
+full-resolution pixels whose centres lie in [i·c, (i+1)·c) with c = output_um / image_um (the NGFF translation of
+infer's OME-Zarr); a ground truth on a downsampled grid of the same extent is mapped through its scale factor.
+
+Counting
+--------
+Only cortex cells (ground-truth label > 0) count. A cortex cell predicted "uncertain" or "outside tissue" is wrong:
+it is a false negative of its true area and a false positive of no area. Per area a (areas present in the ground
+truth or predicted inside the cortex): tp, fp, fn; ``f1 = 2tp / (2tp + fp + fn)``, ``iou = tp / (tp + fp + fn)``;
+``n_px`` = cortex cells whose true area is a (support, in output-grid cells). Section summary: ``accuracy`` (correct
+/ cortex cells), ``macro_f1`` (mean F1 over areas present in the ground truth), ``coverage`` (fraction of cortex
+cells given a confident area label). The JSON also holds the confusion counts, so aggregation can pool pixels.
+
+Outputs (each written to a temp file and renamed)
+-------------------------------------------------
+- CSV, one row per area: ``model, brain, section, role, status, area_id, area, f1, iou, n_px, tp, fp, fn``.
+  A section without ground truth gets one row with ``status = no_ground_truth`` and empty metrics, so aggregation
+  sees every section.
+- JSON: ``model, brain, section, role, status, z_um, pred_dir, name, outputs`` (infer's output file names),
+  ``output_um, grid_shape, n_cortex_px, accuracy, macro_f1, coverage, areas`` (id/name/color), ``per_area`` (the
+  CSV rows) and ``confusion`` (``{true_id: {pred_value: count}}``; pred 0 = outside tissue, uncertain value as in
+  the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+STATUS_OK = "ok"
+STATUS_NO_GT = "no_ground_truth"
+CSV_COLUMNS = ["model", "brain", "section", "role", "status", "area_id", "area", "f1", "iou", "n_px", "tp", "fp", "fn"]
+
+
+class MetricsError(ValueError):
+    """Bad input to section metrics; the message names the file or section."""
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text to a temp file in the same folder, then rename (readers never see a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
+    """DataFrame -> CSV, atomically."""
+    return atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """JSON (NaN written as null), atomically."""
+    return atomic_write_text(path, json.dumps(_json_clean(data), indent=2) + "\n")
+
+
+def _json_clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------- prediction
+@dataclass
+class Prediction:
+    """An inference (or smooth3d) output as section metrics needs it."""
+
+    labels: np.ndarray          # (gh, gw) area ids, 0 outside tissue, ``uncertain`` where not confident
+    uncertain: int
+    output_um: float
+    image_um: float
+    areas: list[dict]           # [{"area_id", "name", "color"}]
+    manifest: dict
+    pred_dir: Path
+    name: str
+
+
+def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
+    """Read ``<pred_dir>/<name>_infer.json`` and the area PNG it lists."""
+    pred_dir = Path(pred_dir)
+    mpath = pred_dir / f"{name}_infer.json"
+    if not mpath.is_file():
+        raise MetricsError(f"section {name}: inference manifest {mpath} not found (inference incomplete?)")
+    manifest = json.loads(mpath.read_text())
+    png = pred_dir / manifest.get("outputs", {}).get("areas_png", f"{name}_areas.png")
+    if not png.is_file():
+        raise MetricsError(f"section {name}: area map {png} not found")
+    labels = _read_label_image(png)
+    return Prediction(labels, int(manifest.get("uncertain_value", 255)), float(manifest["output_um"]),
+                      float(manifest["image_pixel_size_um"]), list(manifest.get("areas", [])), manifest, pred_dir,
+                      name)
+
+
+def _read_label_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as im:
+        # palette PNG: the indices are the area ids (do not convert to RGB)
+        return np.asarray(im)
+
+
+# ---------------------------------------------------------------------------------------------- resampling
+def labels_to_grid(gt: np.ndarray, grid_shape: tuple[int, int], cell_px: float,
+                   gt_factor: tuple[float, float] = (1.0, 1.0), strip_rows: int = 1024) -> np.ndarray:
+    """Mode of the ground-truth labels inside each output cell (0 where a cell holds no ground-truth pixel).
+
+    ``cell_px``: output cell side in full-resolution pixels (output_um / image_um). ``gt_factor``: full-resolution
+    pixels per ground-truth pixel along (rows, cols) (1 for a full-resolution ground truth). Processed in row strips
+    so memory stays at O(grid × labels) plus one strip.
+    """
+    gh, gw = grid_shape
+    values, inverse = np.unique(gt, return_inverse=True)  # compact label indices: uint16 ids stay cheap
+    inverse = inverse.reshape(gt.shape)
+    nlab = len(values)
+    H, W = gt.shape
+    # cell index of each ground-truth pixel centre: floor((r + 0.5) * f / c)
+    ci = np.floor((np.arange(H) + 0.5) * gt_factor[0] / cell_px).astype(np.int64)
+    cj = np.floor((np.arange(W) + 0.5) * gt_factor[1] / cell_px).astype(np.int64)
+    okj = cj < gw
+    counts = np.zeros((gh * gw, nlab), np.int64)
+    for r0 in range(0, H, strip_rows):
+        r1 = min(r0 + strip_rows, H)
+        rows = ci[r0:r1]
+        okr = rows < gh
+        if not okr.any():
+            continue
+        cell = rows[okr, None] * gw + cj[None, okj]
+        lab = inverse[r0:r1][okr][:, okj]
+        counts += np.bincount((cell * nlab + lab).ravel(), minlength=gh * gw * nlab).reshape(gh * gw, nlab)
+    has = counts.sum(1) > 0
+    out = values[np.argmax(counts, axis=1)]  # argmax: ties -> first (smallest) label value
+    out = np.where(has, out, 0)
+    return out.reshape(gh, gw).astype(gt.dtype if gt.dtype.kind in "ui" else np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def confusion_counts(truth: np.ndarray, pred: np.ndarray) -> dict[int, dict[int, int]]:
+    """{true id: {predicted value: count}} over cortex cells (truth > 0)."""
+    cortex = truth > 0
+    t, p = truth[cortex].astype(np.int64), pred[cortex].astype(np.int64)
+    out: dict[int, dict[int, int]] = {}
+    if t.size == 0:
+        return out
+    pairs, n = np.unique(np.stack([t, p]), axis=1, return_counts=True)
+    for (a, b), k in zip(pairs.T, n):
+        out.setdefault(int(a), {})[int(b)] = int(k)
+    return out
+
+
+def scores_from_confusion(confusion: dict[int, dict[int, int]], area_ids: list[int] | None = None,
+                          uncertain: int = 255) -> pd.DataFrame:
+    """Per-area tp/fp/fn/n_px/f1/iou from confusion counts (cortex cells only); rows for areas in truth or pred.
+
+    Predicted 0 (outside tissue) and ``uncertain`` are never an area: they only add false negatives.
+    """
+    conf = {int(t): {int(p): int(k) for p, k in row.items()} for t, row in confusion.items()}
+    present = set(conf)
+    predicted = {p for row in conf.values() for p in row if p not in (0, uncertain)}
+    ids = sorted(present | predicted) if area_ids is None else [a for a in area_ids if a in present | predicted]
+    rows = []
+    for a in ids:
+        tp = conf.get(a, {}).get(a, 0)
+        n_px = sum(conf.get(a, {}).values())
+        fp = sum(row.get(a, 0) for t, row in conf.items() if t != a)
+        fn = n_px - tp
+        denom = 2 * tp + fp + fn
+        rows.append({"area_id": a, "tp": tp, "fp": fp, "fn": fn, "n_px": n_px,
+                     "f1": 2 * tp / denom if denom else float("nan"),
+                     "iou": tp / (tp + fp + fn) if denom else float("nan")})
+    return pd.DataFrame(rows, columns=["area_id", "tp", "fp", "fn", "n_px", "f1", "iou"])
+
+
+def summary_from_confusion(confusion: dict[int, dict[int, int]], uncertain: int = 255) -> dict[str, float]:
+    """accuracy, macro_f1 (areas present in the truth), coverage and n_cortex_px of confusion counts."""
+    per = scores_from_confusion(confusion, uncertain=uncertain)
+    n = sum(sum(r.values()) for r in confusion.values())
+    correct = sum(int(r.get(int(t), 0)) for t, r in confusion.items())
+    confident = sum(k for r in confusion.values() for p, k in r.items() if int(p) not in (0, uncertain))
+    present = per[per["n_px"] > 0]
+    return {"n_cortex_px": int(n),
+            "accuracy": correct / n if n else float("nan"),
+            "macro_f1": float(present["f1"].mean()) if len(present) else float("nan"),
+            "coverage": confident / n if n else float("nan")}
+
+
+def section_scores(truth: np.ndarray, pred: np.ndarray, uncertain: int = 255,
+                   area_ids: list[int] | None = None) -> tuple[pd.DataFrame, dict[str, float], dict]:
+    """(per-area table, summary, confusion) of a prediction against a ground truth on the same grid."""
+    if truth.shape != pred.shape:
+        raise MetricsError(f"ground truth {truth.shape} and prediction {pred.shape} are not on the same grid")
+    conf = confusion_counts(truth, pred)
+    return scores_from_confusion(conf, area_ids, uncertain), summary_from_confusion(conf, uncertain), conf
+
+
+# ------------------------------------------------------------------------------------------ ground-truth input
+def _full_res_shape(image: str | None, pixel_size_um: float | None) -> tuple[int, int] | None:
+    """Full-resolution image shape from its header (None when the image cannot be opened)."""
+    if not image or not Path(image).exists():
+        return None
+    try:
+        from cytonet.readers import open_section
+
+        return tuple(int(v) for v in open_section(image, pixel_size_um=pixel_size_um).levels[0].shape)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - fall back to "ground truth is full resolution"
+        return None
+
+
+def ground_truth_on_grid(gt_path: str | os.PathLike, pred: Prediction, section: str,
+                         full_shape: tuple[int, int] | None) -> np.ndarray:
+    """Read a ground-truth label image (PNG/TIFF/GeoJSON) and reduce it to the prediction grid by mode."""
+    gt_path = Path(gt_path)
+    if not gt_path.is_file():
+        raise MetricsError(f"section {section}: ground truth {gt_path} not found")
+    gh, gw = pred.labels.shape
+    cell_px = pred.output_um / pred.image_um
+    if gt_path.suffix.lower() in (".geojson", ".json"):
+        if full_shape is None:
+            raise MetricsError(f"section {section}: GeoJSON ground truth {gt_path} needs the section image's shape")
+        from cytonet.patches import _rasterise_geojson
+
+        # rasterise at 4 samples per output cell and side, then vote: polygons are in full-res pixel coordinates
+        sub = (max(1, math.ceil(full_shape[0] / cell_px * 4)), max(1, math.ceil(full_shape[1] / cell_px * 4)))
+        areas = pd.DataFrame({"area_id": [a["area_id"] for a in pred.areas], "name": [a["name"] for a in pred.areas]})
+        gt = _rasterise_geojson(gt_path, areas, full_shape, sub)
+    elif gt_path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        gt = tifffile.imread(gt_path)
+    else:
+        gt = _read_label_image(gt_path)
+    if gt.ndim != 2:
+        raise MetricsError(f"section {section}: ground truth {gt_path} must be a single-channel label image")
+    if full_shape is None:
+        full_shape = gt.shape  # assume the full-resolution grid (the demo's truth/ images are)
+        expect = (math.ceil(gt.shape[0] / cell_px), math.ceil(gt.shape[1] / cell_px))
+        if abs(expect[0] - gh) > 1 or abs(expect[1] - gw) > 1:
+            raise MetricsError(f"section {section}: ground truth {gt_path} shape {gt.shape} does not match the "
+                               f"prediction grid {gh}x{gw} at {cell_px:g} px/cell; give the section image so its "
+                               f"full-resolution shape is known")
+    factor = (full_shape[0] / gt.shape[0], full_shape[1] / gt.shape[1])
+    if abs(factor[0] / factor[1] - 1) > 0.02:
+        raise MetricsError(f"section {section}: ground truth {gt_path} shape {gt.shape} does not cover the image "
+                           f"extent {full_shape}")
+    return labels_to_grid(gt, (gh, gw), cell_px, factor)
+
+
+# ---------------------------------------------------------------------------------------------------- section
+def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, section: str, role: str,
+                     ground_truth: str | None, image: str | None = None, pixel_size_um: float | None = None,
+                     z_um: float | None = None, model: str = "cytonet") -> tuple[pd.DataFrame, dict]:
+    """Per-area CSV table and JSON summary of one section (status ``no_ground_truth`` when there is none)."""
+    pred = read_prediction(pred_dir, name)
+    base = {"model": model, "brain": brain, "section": section, "role": role}
+    summary: dict[str, Any] = {**base, "z_um": z_um, "pred_dir": str(Path(pred_dir).resolve()), "name": name,
+                               "outputs": pred.manifest.get("outputs", {}), "output_um": pred.output_um,
+                               "grid_shape": list(pred.labels.shape), "uncertain_value": pred.uncertain,
+                               "areas": pred.areas}
+    names = {int(a["area_id"]): str(a["name"]) for a in pred.areas}
+    if not ground_truth or (isinstance(ground_truth, float) and math.isnan(ground_truth)):
+        row = {**base, "status": STATUS_NO_GT}
+        summary.update(status=STATUS_NO_GT, n_cortex_px=0, accuracy=None, macro_f1=None, coverage=None,
+                       per_area=[], confusion={})
+        return pd.DataFrame([row], columns=CSV_COLUMNS), summary
+    truth = ground_truth_on_grid(ground_truth, pred, section, _full_res_shape(image, pixel_size_um))
+    unknown = sorted(set(int(v) for v in np.unique(truth)) - set(names) - {0})
+    if names and unknown:
+        raise MetricsError(f"section {section}: ground truth {ground_truth} has area id(s) {unknown} that are not "
+                           f"in the prediction's area table")
+    per, summ, conf = section_scores(truth, pred.labels, pred.uncertain)
+    per.insert(1, "area", [names.get(int(a), str(a)) for a in per["area_id"]])
+    for k, v in reversed(list({**base, "status": STATUS_OK}.items())):
+        per.insert(0, k, v)
+    per = per[CSV_COLUMNS]
+    summary.update(status=STATUS_OK, **summ, per_area=per.drop(columns=list(base) + ["status"]).to_dict("records"),
+                   confusion=conf)
+    return per, summary
+
+
+def _section_row(brains: str, brain: str, section: str, thickness: float | None) -> tuple[str, Any]:
+    from cytonet.tables import load_brains, load_sections
+
+    bt = load_brains(brains, check_files=False)
+    match = bt[bt["brain_id"] == brain]
+    if match.empty:
+        raise MetricsError(f"brain '{brain}' is not in the brains table {brains}")
+    role = str(match.iloc[0]["role"])
+    st = load_sections(match.iloc[0]["sections"], brain, check_files=False, section_thickness_um=thickness)
+    rows = st[st["section_id"] == section]
+    if rows.empty:
+        raise MetricsError(f"section '{section}' is not in brain '{brain}' ({match.iloc[0]['sections']})")
+    return role, rows.iloc[0]
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cytonet section-metrics``."""
+    parser.add_argument("--brains", required=True, help="brains table (gives the role and the sections table)")
+    parser.add_argument("--brain", required=True, help="brain id")
+    parser.add_argument("--section", required=True, help="section id")
+    parser.add_argument("--pred", required=True, help="folder with <name>_infer.json and <name>_areas.png")
+    parser.add_argument("--name", help="output name in --pred (default: the section id)")
+    parser.add_argument("--out-csv", required=True, help="per-area CSV to write")
+    parser.add_argument("--out-json", required=True, help="JSON summary to write")
+    parser.add_argument("--model", default="cytonet", help="model label for the tables (default cytonet)")
+    parser.add_argument("--ground-truth", help="override the sections table's ground_truth ('none' = ignore it)")
+    parser.add_argument("--section-thickness-um", type=float, help="config section_thickness_um (for section_index)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cytonet section-metrics``."""
+    try:
+        role, row = _section_row(args.brains, args.brain, args.section, args.section_thickness_um)
+        gt = row.get("ground_truth")
+        if args.ground_truth:
+            gt = None if args.ground_truth.lower() == "none" else args.ground_truth
+        gt = None if gt is None or (isinstance(gt, float) and math.isnan(gt)) else str(gt)
+        px = row.get("pixel_size_um")
+        px = float(px) if px is not None and not pd.isna(px) else None
+        table, summary = evaluate_section(args.pred, args.name or args.section, brain=args.brain,
+                                          section=args.section, role=role, ground_truth=gt, image=row.get("image"),
+                                          pixel_size_um=px, z_um=float(row["z_um"]), model=args.model)
+    except (MetricsError, ValueError) as exc:
+        print(f"cytonet section-metrics: error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_csv(args.out_csv, table)
+    atomic_write_json(args.out_json, summary)
+    if summary["status"] == STATUS_OK:
+        print(f"{args.brain}/{args.section}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
+              f"coverage {summary['coverage']:.3f} ({summary['n_cortex_px']} cortex cells)")
+    else:
+        print(f"{args.brain}/{args.section}: no ground truth")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cytonet.section_metrics ...``"""
+    parser = argparse.ArgumentParser(prog="cytonet section-metrics")
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
