@@ -37,8 +37,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -266,7 +267,8 @@ def silhouette_per_area(x: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         return {"overall": None, "per_area": {}}
     s = silhouette_samples(x, labels, metric="cosine")
     return {"overall": float(s.mean()),
-            "per_area": {int(a): float(s[labels == a].mean()) for a in np.unique(labels)}}
+            "per_area": {(a.item() if isinstance(a, np.generic) else a): float(s[labels == a].mean())
+                         for a in np.unique(labels)}}
 
 
 def _vote(neigh_labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -363,12 +365,7 @@ def pair_separation(x: np.ndarray, is_a: np.ndarray, groups: np.ndarray | None =
     res: dict[str, Any] = {"n_a": n_a, "n_b": n_b}
     if n_a < 2 or n_b < 2:
         return {**res, "separation_ratio": None, "fisher_lda": None, "auc_lda": None, "auc_logistic": None, "cv": None}
-    ca, cb = x[y == 1].mean(0), x[y == 0].mean(0)
-    wa = float(np.sqrt(((x[y == 1] - ca) ** 2).sum(1).mean()))
-    wb = float(np.sqrt(((x[y == 0] - cb) ** 2).sum(1).mean()))
-    between = float(np.linalg.norm(ca - cb))
-    res.update(centroid_distance=between, within_rms_a=wa, within_rms_b=wb,
-               separation_ratio=between / max(0.5 * (wa + wb), 1e-12))
+    res.update(_centroid_stats(x, y))
     # Folds: whole brains when possible (the honest "unseen brain" setting), else stratified folds.
     splits, cv = None, None
     if groups is not None and len(np.unique(groups)) >= 2:
@@ -395,6 +392,16 @@ def pair_separation(x: np.ndarray, is_a: np.ndarray, groups: np.ndarray | None =
     return res
 
 
+def _centroid_stats(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Centroid distance, within-class RMS spreads and their ratio for labels y in {0, 1} (x L2-normalised)."""
+    ca, cb = x[y == 1].mean(0), x[y == 0].mean(0)
+    wa = float(np.sqrt(((x[y == 1] - ca) ** 2).sum(1).mean()))
+    wb = float(np.sqrt(((x[y == 0] - cb) ** 2).sum(1).mean()))
+    between = float(np.linalg.norm(ca - cb))
+    return {"centroid_distance": between, "within_rms_a": wa, "within_rms_b": wb,
+            "separation_ratio": between / max(0.5 * (wa + wb), 1e-12)}
+
+
 def border_subset(xyz: np.ndarray, is_a: np.ndarray, brains: np.ndarray, radius_mm: float) -> np.ndarray:
     """Mask of patches within ``radius_mm`` (3D) of a patch of the other class in the same brain (the border zone)."""
     from scipy.spatial import cKDTree
@@ -413,7 +420,9 @@ def border_subset(xyz: np.ndarray, is_a: np.ndarray, brains: np.ndarray, radius_
 # ------------------------------------------------------------------------------------------------ UMAP
 def run_umap(x: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
     """2D UMAP (cosine, fixed random_state: deterministic and single-threaded in umap-learn)."""
-    import umap
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Tensorflow not installed.*")  # ParametricUMAP is not used
+        import umap
 
     if len(x) < 4:
         return np.zeros((len(x), 2), np.float32)
@@ -544,15 +553,19 @@ def markdown_report(rep: dict[str, Any], names: dict[int, str]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     sil, loo = m["silhouette"], m["knn_loo"]
     lobo, xb = m.get("knn_leave_one_brain_out") or {}, m.get("knn_known_to_unknown") or {}
+    def per(d: dict[str, Any], a: int) -> Any:
+        return (d.get("per_area") or {}).get(a)
+
     for a in sorted(int(k) for k in rep["n_per_area"]):
-        g = lambda d: (d.get("per_area") or {}).get(a)  # noqa: E731
-        lines.append(f"| {names.get(a, a)} | {rep['n_per_area'][a]} | {_fmt(g(sil))} | {_fmt(g(loo))} | "
-                     f"{_fmt(g(lobo))} | {_fmt(g(xb))} |")
+        lines.append(f"| {names.get(a, a)} | {rep['n_per_area'][a]} | {_fmt(per(sil, a))} | {_fmt(per(loo, a))} | "
+                     f"{_fmt(per(lobo, a))} | {_fmt(per(xb, a))} |")
     lines.append(f"| **all** (balanced) | {sum(rep['n_per_area'].values())} | {_fmt(sil.get('overall'))} | "
                  f"{_fmt(loo.get('accuracy'))} ({_fmt(loo.get('balanced_accuracy'))}) | "
                  f"{_fmt(lobo.get('accuracy'))} ({_fmt(lobo.get('balanced_accuracy'))}) | "
                  f"{_fmt(xb.get('accuracy'))} ({_fmt(xb.get('balanced_accuracy'))}) |")
-    lines += ["", f"Chance (balanced): {_fmt(loo.get('chance_balanced'))}. kNN k = {loo.get('k')}, cosine, "
+    lines += ["", f"Silhouette by brain instead of area (batch effect; lower is better): "
+              f"{_fmt(m.get('brain_silhouette'))}.",
+              "", f"Chance (balanced): {_fmt(loo.get('chance_balanced'))}. kNN k = {loo.get('k')}, cosine, "
               "leave-one-out within the sample (spatial neighbours of the same brain count, so it is optimistic; "
               "the brain-held-out columns are the honest ones).", ""]
     p = m.get("pair")
@@ -582,6 +595,7 @@ def pair_transfer(x_tr: np.ndarray, a_tr: np.ndarray, x_te: np.ndarray, a_te: np
     res = {"n_a": int(a_te.sum()), "n_b": int((~a_te).sum()), "cv": "train known, test unknown"}
     if len(np.unique(a_tr)) < 2 or len(np.unique(a_te)) < 2:
         return res
+    res.update(_centroid_stats(x_te, a_te.astype(int)))  # geometry of the unseen brain(s) alone
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x_tr, a_tr)
     log = LogisticRegression(C=1.0, max_iter=2000).fit(x_tr, a_tr)
     ls = lda.decision_function(x_te)
@@ -660,6 +674,8 @@ def embed(stores: Sequence[str | Path], out_dir: str | Path, areas_path: str | P
     rl = df["role"].to_numpy()[lab]
     metrics: dict[str, Any] = {"silhouette": silhouette_per_area(xl, yl), "knn_loo": knn_loo(xl, yl, k),
                                "knn_leave_one_brain_out": knn_leave_one_brain_out(xl, yl, bl, k)}
+    # Batch effect: how much the features cluster by brain (stain, shrinkage) rather than by area.
+    metrics["brain_silhouette"] = silhouette_per_area(xl, bl)["overall"] if len(set(bl)) > 1 else None
     known, unknown = rl == "known", rl == "unknown"
     metrics["knn_known_to_unknown"] = (
         {**knn_transfer(xl[known], yl[known], xl[unknown], yl[unknown], k),
@@ -764,6 +780,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
              f"{rep['features']} features dim {rep['feature_dim']}, encoder {rep['model']['encoder']}",
              f"  silhouette (cosine) {_fmt(m['silhouette']['overall'])}; kNN LOO acc {_fmt(m['knn_loo']['accuracy'])} "
              f"(balanced {_fmt(m['knn_loo']['balanced_accuracy'])}, chance {_fmt(m['knn_loo'].get('chance_balanced'))})"]
+    lines.append(f"  silhouette by brain (batch effect) {_fmt(m.get('brain_silhouette'))}")
     if m.get("knn_leave_one_brain_out"):
         lines.append(f"  kNN leave-one-brain-out acc {_fmt(m['knn_leave_one_brain_out']['accuracy'])} "
                      f"(balanced {_fmt(m['knn_leave_one_brain_out']['balanced_accuracy'])})")

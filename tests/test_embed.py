@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store  # noqa: E402
+from learning_fixtures import make_store
 
-from cytonet import embed as E  # noqa: E402
+from cytonet import embed as E
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -147,4 +147,5 @@ def test_embed_cli_end_to_end(tmp_path: Path) -> None:
     assert m["knn_known_to_unknown"]["test_brains"] == ["u1"] and m["knn_loo"]["k"] == 10
     assert set(m["pair"]["all"]) >= {"separation_ratio", "fisher_lda", "auc_lda", "auc_logistic"}
     assert "FA vs PB" in (out / "separation.md").read_text()
-    assert Image.open(out / "umap_by_position.png").size[0] > 1000  # four panels side by side
+    with Image.open(out / "umap_by_position.png") as im:
+        assert im.size[0] > 1000  # four panels side by side
