@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.ndimage import map_coordinates
@@ -181,8 +180,8 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
 
     ``thumb``: grey section thumbnail for the overlay (a flat grey one when None). ``manifest``: extra keys.
     """
-    from cytonet.infer import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, _NgffWriter, _normalised_entropy,
-                               _write_entropy_tif, _write_label_png, write_overlay)
+    from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy,
+                               write_entropy_tif, write_label_png, write_overlay)
 
     t0 = time.perf_counter()
     ids = [int(a["area_id"]) for a in areas]
@@ -198,7 +197,7 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
     top = np.max(np.where(tissue[..., None], p, 0.0), axis=-1)
     lab = np.where(tissue, np.asarray(ids)[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0).astype(label_dtype)
     lab[tissue & (top < uncertain_below)] = uncertain
-    ent = np.where(tissue, _normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
+    ent = np.where(tissue, normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,11 +208,11 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
     tmp.mkdir()
     try:
         paths: dict[str, Path] = {"zarr": tmp / f"{name}.ome.zarr"}
-        store = _NgffWriter(paths["zarr"], (gh, gw), c, 512, label_dtype)
+        store = NgffWriter(paths["zarr"], (gh, gw), c, 512, label_dtype)
         store.write(0, 0, np.moveaxis(p, -1, 0).astype(np.float32), lab, ent)
         store.finish(output_um, image_um, pyramid_levels, names, colours, ids, uncertain)
-        paths["areas_png"] = _write_label_png(tmp / f"{name}_areas.png", lab, ids, colours, uncertain)
-        paths["entropy_tif"] = _write_entropy_tif(tmp / f"{name}_entropy.tif", ent, output_um)
+        paths["areas_png"] = write_label_png(tmp / f"{name}_areas.png", lab, ids, colours, uncertain)
+        paths["entropy_tif"] = write_entropy_tif(tmp / f"{name}_entropy.tif", ent, output_um)
         if thumb is None:
             k = max(1, min(4, 2048 // max(gh, gw, 1)))
             thumb = np.full((gh * k, gw * k), 200, np.uint8)
@@ -246,12 +245,12 @@ def _thumbnail_for(image: str | None, pixel_size_um: float | None, manifest: dic
     if not image or not Path(image).exists():
         return None
     try:
-        from cytonet.infer import _thumbnail
+        from cytonet.mapio import thumbnail
         from cytonet.readers import open_section
 
         sec = open_section(image, pixel_size_um=pixel_size_um)
         net_um = float(manifest.get("network_pixel_size_um") or manifest["output_um"])
-        return _thumbnail(sec, net_um, float(manifest["output_um"]), sec.pixel_size_um)
+        return thumbnail(sec, net_um, float(manifest["output_um"]), sec.pixel_size_um)
     except Exception:  # noqa: BLE001 - overlay falls back to a plain background
         return None
 
