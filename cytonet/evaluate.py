@@ -552,7 +552,7 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
         written.append(p)
         if split == "unknown":
             n_seeds = int(summary.loc[(summary["model"] == model) & (summary["split"] == split), "n_seeds"].iloc[0])
-            plot_confusion(cm, names, f"{model}: unknown brains (summed over {n_seeds} seed(s), row-normalised)",
+            plot_confusion(cm, names, f"{model}\nunknown brains, {n_seeds} seed(s) summed, row-normalised",
                            out / f"confusion_{slug(model)}_unknown.png")
     plot_macro_f1(summary, models, out / "macro_f1.png")
     return {"metrics": metrics, "summary": summary, "per_area": per_area, "markdown": md, "models": models,
