@@ -22,7 +22,9 @@ include: "workflow/rules/mask.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/metrics.smk"
 
 
 rule all:
@@ -32,4 +34,6 @@ rule all:
         all_masks(),
         all_patch_stores(),
         expand(f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt", model=MODELS, seed=SEEDS),
+        rules.evaluate.output,
         all_maps(),
+        rules.aggregate.output,

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "patches": ("cytonet.patches", "sample and extract patches of one brain into a Zarr store"),
     "pretrain": ("cytonet.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun/single)"),
     "finetune": ("cytonet.finetune", "train an area classifier on the labelled patches of the known brains"),
+    "evaluate": ("cytonet.evaluate", "classification metrics of the models on known and unknown brains"),
     "infer": ("cytonet.infer", "map a whole section: probability, area and entropy maps"),
     "smooth3d": ("cytonet.smooth3d", "make the area maps of neighbouring sections consistent in 3D"),
     "section-metrics": ("cytonet.section_metrics", "pixel-level per-area F1/IoU of one section's area map"),

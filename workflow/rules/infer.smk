@@ -1,32 +1,56 @@
-# Whole-section inference with the seed-0 CytoNet classifier: one job per section. The manifest
-# <section>_infer.json is written last by `cytonet infer`, so it marks a complete set of maps.
+# Whole-section inference: one job per section and mapped model. "cytonet" is the seed-0 CytoNet classifier; the
+# other models in infer.models (e.g. the random-init baseline) are mapped the same way so that section-level
+# metrics compare them. `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
+MAP_MODELS = config["infer"]["models"]
 
 
 def all_maps() -> list[str]:
-    return [f"{R}/maps/{b}/{s}_infer.json" for b in BRAINS for s in sections_of(b)]
+    return [f"{R}/maps/{m}/{b}/{s}_infer.json" for m in MAP_MODELS for b in BRAINS for s in sections_of(b)]
 
 
 rule infer:
     input:
         image=section_image,
         mask=f"{R}/masks/{{brain}}/{{section}}.png",
-        classifier=f"{R}/finetune/cytonet/seed{SEEDS[0]}/classifier.pt",
+        classifier=f"{R}/finetune/{{model}}/seed{SEEDS[0]}/classifier.pt",
         areas=areas_table(),
     output:
-        manifest=f"{R}/maps/{{brain}}/{{section}}_infer.json",
+        manifest=f"{R}/maps/{{model}}/{{brain}}/{{section}}_infer.json",
     params:
-        out=f"{R}/maps/{{brain}}",
+        out=f"{R}/maps/{{model}}/{{brain}}",
         pixel_size=pixel_size_option,
         output_um=config["infer"]["output_um"],
         uncertain=config["infer"]["uncertain_below"],
         tile=config["infer"]["tile_px"],
         mode=config["infer"]["mode"],
-        code=fingerprint("infer", "models", "readers", "finetune"),
+        code=fingerprint("infer", "mapio", "models", "readers", "finetune"),
     threads: config["threads"]["infer"]
     log:
-        f"{R}/logs/infer/{{brain}}/{{section}}.log",
+        f"{R}/logs/infer/{{model}}/{{brain}}/{{section}}.log",
     shell:
         "cytonet infer --image {input.image} --mask {input.mask} --classifier {input.classifier}"
         " --areas {input.areas} --out {params.out} --name {wildcards.section} {params.pixel_size}"
         " --output-um {params.output_um} --uncertain-below {params.uncertain} --tile-px {params.tile}"
         " --mode {params.mode} --threads {threads} --no-progress > {log} 2>&1"
+
+
+# Optional 3D consistency: smooth each section's probabilities with its neighbours' through their 3D transforms.
+rule smooth3d:
+    input:
+        maps=lambda wc: [f"{R}/maps/cytonet/{wc.brain}/{s}_infer.json" for s in sections_of(wc.brain)],
+        brains=brains_table(),
+    output:
+        manifest=f"{R}/maps/cytonet_smooth3d/{{brain}}/{{section}}_infer.json",
+    params:
+        pred=f"{R}/maps/cytonet/{{brain}}",
+        out=f"{R}/maps/cytonet_smooth3d/{{brain}}",
+        sigma=config["smooth3d"]["sigma_um"],
+        neighbours=config["smooth3d"]["neighbours"],
+        thickness=config["section_thickness_um"],
+        code=fingerprint("smooth3d", "mapio", "transforms", "tables"),
+    log:
+        f"{R}/logs/smooth3d/{{brain}}/{{section}}.log",
+    shell:
+        "cytonet smooth3d --brains {input.brains} --brain {wildcards.brain} --section {wildcards.section}"
+        " --pred {params.pred} --out {params.out} --sigma-um {params.sigma} --neighbours {params.neighbours}"
+        " --section-thickness-um {params.thickness} > {log} 2>&1"
