@@ -522,7 +522,7 @@ def plot_pair(df: pd.DataFrame, pair: tuple[int, int], colors: dict[int, str], n
         ax2.scatter(d["x_mm"], d["y_mm"], s=s * 1.6, c=colors.get(a, "#000"), linewidths=0, alpha=0.8,
                     label=names.get(a, a))
     _scatter_ax(ax, df, f"{names.get(pair[0])} vs {names.get(pair[1])} in the UMAP")
-    ax.legend(loc="best", frameon=True, fontsize=9)
+    ax.legend(loc="best", frameon=True, fontsize=9, markerscale=3)
     txt = [f"separation ratio {_fmt(sep.get('separation_ratio'))}",
            f"AUC LDA {_fmt(sep.get('auc_lda'))}, logistic {_fmt(sep.get('auc_logistic'))}",
            f"Fisher (1D LDA) {_fmt(sep.get('fisher_lda'))}", f"({sep.get('cv') or 'no CV'})"]
@@ -533,7 +533,7 @@ def plot_pair(df: pd.DataFrame, pair: tuple[int, int], colors: dict[int, str], n
     ax2.set_ylabel("y (mm)")
     ax2.set_aspect("equal", adjustable="datalim")
     ax2.invert_yaxis()  # image convention: y grows downwards, as in the section images
-    ax2.legend(loc="best", fontsize=9)
+    ax2.legend(loc="best", fontsize=9, markerscale=3)
     atomic_savefig(fig, path)
 
 
