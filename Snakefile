@@ -25,6 +25,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/metrics.smk"
+include: "workflow/rules/embed.smk"
 
 
 rule all:
@@ -37,3 +38,4 @@ rule all:
         rules.evaluate.output,
         all_maps(),
         rules.aggregate.output,
+        rules.embed.output,

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("cytonet.infer", "map a whole section: probability, area and entropy maps"),
     "smooth3d": ("cytonet.smooth3d", "make the area maps of neighbouring sections consistent in 3D"),
     "section-metrics": ("cytonet.section_metrics", "pixel-level per-area F1/IoU of one section's area map"),
+    "embed": ("cytonet.embed", "UMAP of the pretrained features, area clusters and FA-PB separation"),
     "aggregate": ("cytonet.aggregate", "per-brain and overall metric tables, maps index and montages"),
 }
 

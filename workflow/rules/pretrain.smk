@@ -14,8 +14,12 @@ rule pretrain:
         nproc=config["launch"]["nproc"],
         code=fingerprint("pretrain", "models", "patchdata", "distributed"),
     threads: config["threads"]["pretrain"]
+    resources:
+        # Empty locally. The jureca profile sets it to the srun line that starts one rank per GPU on every node
+        # of the job (a Slurm job with an `mpi` resource runs its command in the batch script, without srun -n1).
+        mpi="",
     log:
         f"{R}/logs/pretrain.log",
     shell:
-        "cytonet pretrain {params.stores} --out {params.out} --params {params.pretrain}"
+        "{resources.mpi} cytonet pretrain {params.stores} --out {params.out} --params {params.pretrain}"
         " --nproc {params.nproc} --threads {threads} --no-progress > {log} 2>&1"
