@@ -28,9 +28,9 @@ TINY_CONFIG: dict[str, Any] = {
     "areas": "resources/demo/areas.csv",
     "results": "results",
     "threads": {"mask": 1, "patches": 1, "pretrain": 1, "finetune": 1, "infer": 1},
-    "demo": {"enabled": True, "out_dir": "resources/demo", "n_brains": 2, "n_unknown": 1,
-             "sections_per_brain": 2, "annotate_every": 1, "pixel_size_um": 16, "size_mm": 8, "seed": 0,
-             "tile_px": 128},
+    # The demo brains are generated once per session (demo_data) and copied in as ordinary input data, so the
+    # workflow runs in the "your own brains" mode and tests can edit the sections tables.
+    "demo": {"enabled": False},
     "mask": {"resolution_um": 32},
     "patches": {"patch_px": 32, "pixel_size_um": 32, "count": 48, "count_per": "brain", "sampling": "random",
                 "min_tissue_fraction": 0.5, "shard_patches": 8, "seed": 0},
@@ -41,6 +41,7 @@ TINY_CONFIG: dict[str, Any] = {
     "evaluate": {"seeds": [0], "ablation_finetune": {"lr": 0.005}},
     "infer": {"output_um": 64, "tile_px": 128, "models": ["cytonet"]},
     "smooth3d": {"enabled": False},
+    "launch": {"nproc": 2},  # 2 DDP ranks (gloo): spawned locally, started by srun under Slurm
 }
 
 COPIED = ["Snakefile", "workflow", "profiles", "config", "cytonet", "pyproject.toml"]
@@ -57,9 +58,28 @@ def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+DEMO_PARAMS: dict[str, Any] = {"n_brains": 2, "n_unknown": 1, "sections_per_brain": 2, "annotate_every": 1,
+                               "pixel_size_um": 16, "size_mm": 8, "seed": 0, "tile_px": 128}
+_DEMO: dict[str, Path] = {}
+
+
+def demo_data() -> Path:
+    """The tiny demo brains (2 brains x 2 sections), generated once per session."""
+    if "dir" not in _DEMO:
+        import json
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="cytonet-demo-")) / "demo"
+        subprocess.run([str(BIN / "cytonet"), "make-demo", "--params", json.dumps(DEMO_PARAMS), "--out", str(out),
+                        "--no-progress"], check=True, capture_output=True, env=workflow_env(REPO))
+        _DEMO["dir"] = out
+    return _DEMO["dir"]
+
+
 def make_workdir(dest: Path, config: dict[str, Any] | None = None) -> Path:
-    """Copy the workflow and package into ``dest`` and write ``config`` (default TINY_CONFIG) as config.yaml."""
+    """Copy the workflow, the package and the tiny demo brains into ``dest``; write ``config`` as config.yaml."""
     dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(demo_data(), dest / "resources" / "demo", copy_function=shutil.copy2, dirs_exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".snakemake", "results", "resources")
     for name in COPIED:
         src = REPO / name
@@ -150,3 +170,86 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, in
             return bool(predicate())
         time.sleep(interval)
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One complete local run of the tiny workflow per test session, shared by the modules that need it (they copy it).
+_REFERENCE: dict[str, Path] = {}
+
+
+def reference_run(tmp_path_factory) -> Path:
+    """Work directory of a complete local run of TINY_CONFIG (made once per session; do not modify it)."""
+    if "dir" not in _REFERENCE:
+        work = make_workdir(tmp_path_factory.mktemp("reference") / "work")
+        run_snakemake(work, "--cores", "2")
+        _REFERENCE["dir"] = work
+    return _REFERENCE["dir"]
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A copy of a finished run (outputs, .snakemake metadata, timestamps) that a test may change."""
+    shutil.copytree(src, dest, symlinks=True, copy_function=shutil.copy2)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "Equal outputs" of two runs, per kind of output:
+#   masks (PNG), demo images: identical pixels;
+#   patch stores: identical Parquet tables (all columns) and identical uint8 patch arrays;
+#   pretrained encoder and classifiers: same step, same tensor names/shapes, values within 1e-5 (DDP all-reduce
+#   sums in float32; both runs use 2 gloo ranks with the same seeds and one thread each);
+#   area maps: identical label images (PNG) for identical classifiers; section metrics within 1e-4.
+def compare_runs(a: Path, b: Path) -> list[str]:
+    """Differences between the outputs of two runs (an empty list when they are equal in the sense above)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    import zarr
+    from PIL import Image
+
+    problems: list[str] = []
+    ra, rb = a / "results", b / "results"
+
+    def files(root: Path, pattern: str) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.glob(pattern))
+
+    for pattern in ("masks/*/*.png", "maps/*/*/*_areas.png"):
+        fa, fb = files(ra, pattern), files(rb, pattern)
+        if fa != fb:
+            problems.append(f"{pattern}: different files {fa} vs {fb}")
+            continue
+        for rel in fa:
+            if not np.array_equal(np.asarray(Image.open(ra / rel)), np.asarray(Image.open(rb / rel))):
+                problems.append(f"{rel}: pixels differ")
+    for man in files(ra, "patches/*/manifest.json"):
+        da, db = (ra / man).parent, (rb / man).parent
+        ta, tb = pd.read_parquet(da / "patches.parquet"), pd.read_parquet(db / "patches.parquet")
+        if not ta.equals(tb):
+            problems.append(f"{man.parent}: patch tables differ")
+        pa = zarr.open_group(str(da / "patches.zarr"), mode="r")["patches"][:]
+        pb = zarr.open_group(str(db / "patches.zarr"), mode="r")["patches"][:]
+        if not np.array_equal(pa, pb):
+            problems.append(f"{man.parent}: patch arrays differ")
+    for pattern in ("pretrain/encoder.pt", "finetune/*/*/classifier.pt"):
+        for rel in files(ra, pattern):
+            ca = torch.load(ra / rel, map_location="cpu", weights_only=False)
+            cb = torch.load(rb / rel, map_location="cpu", weights_only=False)
+            sa, sb = ca["state_dict"], cb["state_dict"]
+            if ca.get("step") != cb.get("step"):
+                problems.append(f"{rel}: step {ca.get('step')} vs {cb.get('step')}")
+            if sa.keys() != sb.keys():
+                problems.append(f"{rel}: different tensors")
+                continue
+            worst = max((float((sa[k].float() - sb[k].float()).abs().max()) for k in sa if sa[k].numel()), default=0)
+            if worst > 1e-5:
+                problems.append(f"{rel}: weights differ by up to {worst:.3g}")
+    for rel in files(ra, "metrics/*/*/*.json"):
+        ja, jb = json.loads((ra / rel).read_text()), json.loads((rb / rel).read_text())
+        for key, va in ja.items():
+            vb = jb.get(key)
+            if isinstance(va, float) and isinstance(vb, float):
+                if not (abs(va - vb) <= 1e-4 or (va != va and vb != vb)):
+                    problems.append(f"{rel}: {key} {va} vs {vb}")
+    return problems

@@ -1,0 +1,94 @@
+"""Reruns of only what changed: config values and module code reach the rules through params:.
+
+All checks are dry runs on copies of one complete local run of the tiny workflow (workflow_helpers.reference_run).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import TINY_CONFIG, copy_run, dry_run_jobs, reference_run, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM = {"mask", "patches", "pretrain"}
+MODEL_CHAIN = {"finetune", "infer", "section_metrics", "aggregate"}
+
+
+@pytest.fixture
+def run(tmp_path, tmp_path_factory):
+    """A private copy of the finished reference run."""
+    return copy_run(reference_run(tmp_path_factory), tmp_path / "work")
+
+
+def test_complete_run_has_nothing_to_do(run):
+    assert dry_run_jobs(run) == {}
+
+
+def test_finetune_param_reruns_only_the_model_chain(run):
+    write_config(run, tiny_config(finetune={"lr": 0.02}))
+    jobs = dry_run_jobs(run)
+    assert MODEL_CHAIN <= set(jobs), jobs
+    assert not UPSTREAM & set(jobs), jobs
+    assert jobs["infer"] == 4 and jobs["aggregate"] == 1
+
+
+def test_patches_param_reruns_patches_not_masks(run):
+    write_config(run, tiny_config(patches={"count": 40}))
+    jobs = dry_run_jobs(run)
+    assert jobs.get("patches") == 2 and "mask" not in jobs, jobs
+    assert "pretrain" in jobs  # the encoder learns from the stores
+
+
+def test_mask_param_reruns_masks(run):
+    write_config(run, tiny_config(mask={"resolution_um": 48}))
+    jobs = dry_run_jobs(run)
+    assert jobs.get("mask") == 4, jobs
+
+
+def test_added_section_runs_its_own_jobs(run):
+    """A new row in one brain's sections table: its mask; that brain's store; its maps; the aggregations."""
+    table = run / "resources" / "demo" / "demo1" / "sections.csv"
+    sections = pd.read_csv(table)
+    new = sections.iloc[-1].copy()
+    new["section_id"] = "demo1_s900"
+    new["z_um"] = float(new["z_um"]) + 400.0
+    pd.concat([sections, new.to_frame().T]).to_csv(table, index=False)
+    jobs = dry_run_jobs(run)
+    proc_text = (run / "dry.txt")
+    assert jobs.get("mask") == 1, jobs  # only the new section is masked
+    assert jobs.get("patches") == 1, jobs  # only demo1's store is rebuilt (stores are per brain)
+    assert jobs.get("aggregate") == 1 and jobs.get("infer", 0) >= 1, jobs
+    del proc_text
+
+
+def test_code_change_of_one_module_reruns_that_stage(run):
+    """Editing a module (in the copy) reruns the stages whose fingerprint includes it, nothing upstream."""
+    module = run / "cytonet" / "section_metrics.py"
+    module.write_text(module.read_text() + "\n# edited by test_reruns\n")
+    jobs = dry_run_jobs(run)
+    assert set(jobs) == {"section_metrics", "aggregate"}, jobs
+    assert jobs["section_metrics"] == 4
+
+
+def test_code_change_of_mask_module_reruns_masking(run):
+    module = run / "cytonet" / "mask.py"
+    module.write_text(module.read_text() + "\n# edited by test_reruns\n")
+    jobs = dry_run_jobs(run)
+    assert jobs.get("mask") == 4, jobs
+
+
+def test_every_config_section_reaches_a_rule(run):
+    """Changing any value of the tiny config changes some job's params (nothing is read behind Snakemake's back)."""
+    changes = {
+        "mask": {"resolution_um": 40}, "patches": {"seed": 1}, "pretrain": {"lr": 0.002},
+        "finetune": {"weight_decay": 0.001}, "infer": {"uncertain_below": 0.4}, "launch": {"nproc": 1},
+    }
+    for section, change in changes.items():
+        write_config(run, tiny_config(**{section: change}))
+        assert dry_run_jobs(run), f"changing {section}: {change} reran nothing"
+    write_config(run, TINY_CONFIG)
+    assert dry_run_jobs(run) == {}
+    assert yaml.safe_load((run / "config.yaml").read_text()) == TINY_CONFIG
