@@ -21,11 +21,20 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/snakemake --profile profiles/local
+	$(BIN)/snakemake --profile profiles/local --report results/report.html
 	@echo
 	@echo "Done. Results are in $(CURDIR)/results/ and the demo brains in $(CURDIR)/resources/demo/:"
-	@echo "  resources/demo/previews/*.png      one section per demo brain beside its area ground truth"
+	@echo "  results/report.html                 everything below in one HTML report"
+	@echo "  results/evaluation/summary.md       CytoNet vs baselines on known and unknown brains"
+	@echo "  results/summary/                    section metrics per brain, maps index, montage per brain"
+	@echo "  results/maps/cytonet/<brain>/       OME-Zarr probabilities, area/entropy maps, overlays"
+	@echo "  results/embedding/                  UMAP plots and FA-PB separation"
 	@echo "  results/masks/<brain>/*_qc.png      tissue masks over the sections"
-	@echo "  results/patches/<brain>/            patch stores (Zarr v3 + Parquet)"
+	@echo "  resources/demo/previews/*.png       one section per demo brain beside its area ground truth"
+
+report: venv
+	$(BIN)/snakemake --profile profiles/local --report results/report.html
+	@echo "Report: $(CURDIR)/results/report.html"
 
 dry-run: venv
 	$(BIN)/snakemake --profile profiles/local -n

@@ -9,6 +9,8 @@ from cytonet.config import validate_config
 
 configfile: "config.yaml"
 
+report: "workflow/report/workflow.rst"
+
 # Validate before any job starts: unknown keys and wrong types stop here, naming the key. Defaults are filled in.
 _validated = validate_config(config)
 config.clear()
@@ -26,6 +28,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -39,3 +42,4 @@ rule all:
         all_maps(),
         rules.aggregate.output,
         rules.embed.output,
+        rules.benchmarks_page.output,

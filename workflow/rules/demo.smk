@@ -30,7 +30,9 @@ if config["demo"]["enabled"]:
                 f"demo_brain_{_brain}"
             output:
                 sections=f"{DEMO}/{_brain}/sections.csv",
-                preview=f"{DEMO}/previews/{_brain}.png",
+                preview=report(
+                    f"{DEMO}/previews/{_brain}.png", caption="../report/preview.rst", category="0. Demo brains"
+                ),
                 images=[f"{DEMO}/{_brain}/images/{s}.ome.tif" for s in sections_of(_brain)],
             params:
                 brain=_brain,

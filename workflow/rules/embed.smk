@@ -8,11 +8,14 @@ rule embed:
         brains=brains_table(),
         areas=areas_table(),
     output:
-        by_area=f"{R}/embedding/umap_by_area.png",
-        by_brain=f"{R}/embedding/umap_by_brain.png",
-        by_position=f"{R}/embedding/umap_by_position.png",
-        fa_pb=f"{R}/embedding/umap_fa_pb.png",
+        by_area=report(f"{R}/embedding/umap_by_area.png", caption="../report/umap.rst", category="4. Embedding"),
+        by_brain=report(f"{R}/embedding/umap_by_brain.png", caption="../report/umap.rst", category="4. Embedding"),
+        by_position=report(f"{R}/embedding/umap_by_position.png", caption="../report/umap.rst", category="4. Embedding"),
+        fa_pb=report(f"{R}/embedding/umap_fa_pb.png", caption="../report/umap.rst", category="4. Embedding"),
         separation=f"{R}/embedding/separation.md",
+        separation_json=report(
+            f"{R}/embedding/separation.json", caption="../report/separation.rst", category="4. Embedding"
+        ),
     params:
         stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
         per_area=config["embed"]["per_area"],

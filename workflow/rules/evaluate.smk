@@ -17,9 +17,9 @@ rule evaluate:
         areas=areas_table(),
     output:
         summary=f"{R}/evaluation/summary.md",
-        table=f"{R}/evaluation/summary.csv",
+        table=report(f"{R}/evaluation/summary.csv", caption="../report/evaluation.rst", category="2. Evaluation"),
         metrics=f"{R}/evaluation/metrics.csv",
-        plot=f"{R}/evaluation/macro_f1.png",
+        plot=report(f"{R}/evaluation/macro_f1.png", caption="../report/evaluation_plot.rst", category="2. Evaluation"),
     params:
         models=model_specs,
         stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),

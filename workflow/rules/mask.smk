@@ -10,7 +10,12 @@ rule mask:
         image=section_image,
     output:
         mask=f"{R}/masks/{{brain}}/{{section}}.png",
-        qc=f"{R}/masks/{{brain}}/{{section}}_qc.png",
+        qc=report(
+            f"{R}/masks/{{brain}}/{{section}}_qc.png",
+            caption="../report/mask_qc.rst",
+            category="1. Masking QC",
+            subcategory="{brain}",
+        ),
     params:
         resolution=config["mask"]["resolution_um"],
         pixel_size=pixel_size_option,

@@ -35,6 +35,17 @@ rule aggregate:
         overall=f"{R}/summary/metrics_overall.md",
         brains=f"{R}/summary/metrics_brains.md",
         index=f"{R}/summary/maps_index.md",
+        overall_csv=report(
+            f"{R}/summary/metrics_overall.csv", caption="../report/section_metrics.rst", category="3. Area maps"
+        ),
+        brains_csv=report(
+            f"{R}/summary/metrics_brains.csv", caption="../report/section_metrics.rst", category="3. Area maps"
+        ),
+        index_csv=report(f"{R}/summary/maps_index.csv", caption="../report/maps_index.rst", category="3. Area maps"),
+        montages=[
+            report(f"{R}/summary/montage_{b}.png", caption="../report/montage.rst", category="3. Area maps")
+            for b in BRAINS
+        ],
     params:
         out=f"{R}/summary",
         code=fingerprint("aggregate"),

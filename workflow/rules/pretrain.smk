@@ -14,6 +14,7 @@ rule pretrain:
         nproc=config["launch"]["nproc"],
         code=fingerprint("pretrain", "models", "patchdata", "distributed"),
     threads: config["threads"]["pretrain"]
+    priority: 10  # on the critical path: finetuning, inference and the embedding wait for it
     resources:
         # Empty locally. The jureca profile sets it to the srun line that starts one rank per GPU on every node
         # of the job (a Slurm job with an `mpi` resource runs its command in the batch script, without srun -n1).

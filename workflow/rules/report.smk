@@ -1,0 +1,12 @@
+# The benchmark figures (docs/benchmarks.md) as a page of the Snakemake report (`make report`).
+
+
+rule benchmarks_page:
+    input:
+        "docs/benchmarks.md",
+    output:
+        report(f"{R}/report/benchmarks.html", caption="../report/benchmarks.rst", category="5. Benchmarks"),
+    log:
+        f"{R}/logs/benchmarks_page.log",
+    shell:
+        "python -m markdown -x tables {input} > {output} 2> {log}"
