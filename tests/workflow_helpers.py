@@ -44,7 +44,7 @@ TINY_CONFIG: dict[str, Any] = {
     "launch": {"nproc": 2},  # 2 DDP ranks (gloo): spawned locally, started by srun under Slurm
 }
 
-COPIED = ["Snakefile", "workflow", "profiles", "config", "cytonet", "pyproject.toml"]
+COPIED = ["Snakefile", "workflow", "profiles", "config", "cytonet", "docs", "benchmarks/out/infer/bench_infer.json", "pyproject.toml"]
 
 
 def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +83,7 @@ def make_workdir(dest: Path, config: dict[str, Any] | None = None) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".snakemake", "results", "resources")
     for name in COPIED:
         src = REPO / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=ignore, symlinks=True, dirs_exist_ok=True)
         elif src.exists():
