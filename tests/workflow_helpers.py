@@ -200,6 +200,21 @@ def copy_run(src: Path, dest: Path) -> Path:
 #   pretrained encoder and classifiers: same step, same tensor names/shapes, values within 1e-5 (DDP all-reduce
 #   sums in float32; both runs use 2 gloo ranks with the same seeds and one thread each);
 #   area maps: identical label images (PNG) for identical classifiers; section metrics within 1e-4.
+def _tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every tensor inside a checkpoint (nested dicts), by dotted key."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("optimizer", "scheduler", "rng"):
+                continue
+            out.update(_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def compare_runs(a: Path, b: Path) -> list[str]:
     """Differences between the outputs of two runs (an empty list when they are equal in the sense above)."""
     import json
@@ -237,7 +252,7 @@ def compare_runs(a: Path, b: Path) -> list[str]:
         for rel in files(ra, pattern):
             ca = torch.load(ra / rel, map_location="cpu", weights_only=False)
             cb = torch.load(rb / rel, map_location="cpu", weights_only=False)
-            sa, sb = ca["state_dict"], cb["state_dict"]
+            sa, sb = _tensors(ca), _tensors(cb)
             if ca.get("step") != cb.get("step"):
                 problems.append(f"{rel}: step {ca.get('step')} vs {cb.get('step')}")
             if sa.keys() != sb.keys():
