@@ -69,12 +69,12 @@ def test_demo_schema_mirrors_generator_parameters(repo):
 
 
 @pytest.mark.parametrize("stage, attribute", [("pretrain", "DEFAULTS"), ("finetune", "DEFAULTS"),
-                                              ("patches", "DEFAULT_PARAMS")])
+                                              ("patches", "DEFAULT_PARAMS"), ("dask_cluster", "DEFAULTS")])
 def test_stage_schema_mirrors_module_defaults(repo, stage, attribute):
     import importlib
 
     defaults = getattr(importlib.import_module(f"cytonet.{stage}"), attribute)
     schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
-    props = schema["properties"][stage]["properties"]
+    props = schema["properties"][stage.removesuffix("_cluster")]["properties"]
     assert set(props) == set(defaults)
     assert {k: p["default"] for k, p in props.items()} == defaults
