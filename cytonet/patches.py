@@ -3,8 +3,8 @@
 Command line (``cytonet patches``)::
 
     cytonet patches --brain B --brains-table brains.csv --areas areas.csv --masks-dir results/masks/B \\
-        --out results/patches/B --threads N [--scheduler tcp://host:8786] [--params JSON-or-file] \\
-        [--param key=value ...] [--no-progress]
+        --out results/patches/B --threads N [--dask JSON-or-file | --scheduler tcp://host:8786] \\
+        [--params JSON-or-file] [--param key=value ...] [--no-progress]
 
 Parameters (``--params`` takes a JSON object or a path to a JSON file; ``--param key=value`` overrides single
 keys; an unknown key is an error naming it). Defaults match ``workflow/schemas/config.schema.yaml``:
@@ -47,9 +47,11 @@ Store layout (``--out`` directory)::
 Everything is built in ``<out>/.staging-<pid>/`` and moved into place before the manifest is written; a killed
 run leaves no manifest, and a rerun clears stale staging directories and old outputs first.
 
-Parallelism: a Dask ``LocalCluster(n_workers=threads, threads_per_worker=1, processes=True)`` (``--threads 1``
-runs in-process), or an existing scheduler (``--scheduler ADDRESS``). Each task writes whole shards; it opens the
-section itself and reads tiles through a small LRU cache, so patches that share image tiles decode them once.
+Parallelism: ``cytonet.dask_cluster`` as set by ``--dask`` (the config's ``dask`` section): a ``LocalCluster`` of
+``--threads`` single-threaded worker processes (``--threads 1`` runs in-process), or a dask-jobqueue
+``SLURMCluster`` (``cluster: slurm``), or an existing scheduler (``--scheduler ADDRESS``). Each task writes whole
+shards; it opens the section itself and reads tiles through a small LRU cache, so patches that share image tiles
+decode them once.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ import logging
 import math
 import os
 import shutil
-import threading
 import time
 import warnings
 import zlib
@@ -72,6 +73,14 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
+
+from cytonet.dask_cluster import (
+    BackgroundClient,
+    parse_dask_config,
+    wants_cluster,
+    worker_count,
+)
+from cytonet.params import parse_params as read_params
 
 log = logging.getLogger(__name__)
 
@@ -674,60 +683,6 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _make_client(threads: int, scheduler: str | None):
-    """A Dask client: connect to ``scheduler`` or start a process LocalCluster sized to ``threads``."""
-    from dask.distributed import Client, LocalCluster
-
-    if scheduler:
-        return Client(scheduler), None
-    import dask
-
-    # Dask sets MALLOC_TRIM_THRESHOLD_=65536 in workers; that pins glibc's mmap threshold, so every MB-sized
-    # buffer (tiles, shards, codec output) is mmapped and page-faulted afresh: zarr shard writes ran 5-6x slower.
-    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-           if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        cluster = LocalCluster(n_workers=threads, threads_per_worker=1, processes=True, dashboard_address=None,
-                               memory_limit=0)
-    return Client(cluster), cluster
-
-
-class _BackgroundClient:
-    """A Dask client started in a background thread; ``get`` waits for it, ``close`` (idempotent) stops it."""
-
-    def __init__(self, threads: int, scheduler: str | None):
-        self._result: tuple[Any, Any] | None = None
-        self._error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._start, args=(threads, scheduler), daemon=True)
-        self._thread.start()
-
-    def _start(self, threads: int, scheduler: str | None) -> None:
-        try:
-            self._result = _make_client(max(1, threads), scheduler)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by get()
-            self._error = exc
-
-    def get(self) -> Any:
-        """The connected client (raises what the start raised)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result[0]
-
-    def close(self) -> None:
-        """Close client and cluster (when we started one)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._thread.join()
-        if self._result is not None:
-            client, cluster = self._result
-            client.close()
-            if cluster is not None:
-                cluster.close()
-
-
 def extract_brain(
     brain: str,
     sections: pd.DataFrame,
@@ -738,6 +693,7 @@ def extract_brain(
     *,
     threads: int = 1,
     scheduler: str | None = None,
+    dask: dict[str, Any] | None = None,
     progress: bool = True,
     base_dir: str | os.PathLike = ".",
     opener: Callable | None = None,
@@ -760,8 +716,11 @@ def extract_brain(
         shutil.rmtree(stale, ignore_errors=True)
     staging = out / f".staging-{os.getpid()}"
     staging.mkdir()
-    # The cluster starts (seconds) while the driver inspects and samples the sections.
-    starter = _BackgroundClient(threads, scheduler) if (threads > 1 or scheduler) else None
+    # The cluster starts (seconds; minutes for Slurm worker jobs) while the driver inspects and samples the
+    # sections. One local worker and no scheduler: everything runs in this process.
+    dask_cfg = parse_dask_config(dask)
+    starter = BackgroundClient(dask_cfg, threads, scheduler) if wants_cluster(dask_cfg, threads, scheduler) else None
+    workers = threads if scheduler else worker_count(dask_cfg, threads)
     try:
         t_start = time.time()
         qc: list[dict[str, str]] = []
@@ -855,7 +814,7 @@ def extract_brain(
                 group.create_array("patches", shape=(n, S, S), dtype="uint8", chunks=(1, S, S),
                                    shards=(min(k, n), S, S), compressors=ZstdCodec(level=1),
                                    fill_value=0)
-                error = _run_tasks(plan, kept, p, str(store_path / "patches"), client, threads, progress, opener,
+                error = _run_tasks(plan, kept, p, str(store_path / "patches"), client, workers, progress, opener,
                                    stats_total)
                 if error is None:
                     break
@@ -913,13 +872,13 @@ def extract_brain(
 
 
 def _run_tasks(plan: pd.DataFrame, infos: list[SectionInfo], p: dict[str, Any], array_path: str, client: Any,
-               threads: int, progress: bool, opener: Callable | None, stats_total: dict[str, int]) -> dict | None:
+               workers: int, progress: bool, opener: Callable | None, stats_total: dict[str, int]) -> dict | None:
     """Split the plan into whole-shard tasks, run them, return the first failing section (or None)."""
     from tqdm.auto import tqdm
 
     n, k = len(plan), p["shard_patches"]
     shards = [(s, min(s + k, n)) for s in range(0, n, k)]
-    workers = max(1, threads)
+    workers = max(1, workers)
     # Enough tasks to balance the workers, few enough that each reuses its cached tiles over many patches.
     per_task = max(1, min(math.ceil(len(shards) / (4 * workers)), max(1, 4096 // k)))
     sec_meta = [{"section": i.section, "image": i.image, "pixel_size_um": i.extra.get("pixel_size_override")}
@@ -1023,6 +982,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder of the patch store")
     parser.add_argument("--threads", type=int, default=1, help="Dask worker processes (1 = in-process)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler to use instead")
+    parser.add_argument("--dask", default=None, metavar="JSON",
+                        help="where the Dask workers run: the config's dask section as a JSON object, or a YAML/JSON "
+                             "file of it (keys in cytonet.dask_cluster.DEFAULTS; default: a local cluster of "
+                             "--threads workers)")
     parser.add_argument("--params", default=None, help="JSON object, or path to a JSON file, of parameters")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="set one parameter")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1056,8 +1019,9 @@ def run(args: argparse.Namespace) -> int:
     sections_path = rows.iloc[0]["sections"]
     sections = load_sections(sections_path, args.brain, check_files=False)
     areas = load_areas(args.areas)
+    dask = parse_dask_config(read_params(args.dask))
     manifest = extract_brain(args.brain, sections, areas, args.masks_dir, args.out, params, threads=args.threads,
-                             scheduler=args.scheduler, progress=not args.no_progress,
+                             scheduler=args.scheduler, dask=dask, progress=not args.no_progress,
                              base_dir=Path(sections_path).parent)
     log.info("brain %s: %d patches from %d sections in %.1f s -> %s", args.brain, manifest["n_patches"],
              len(manifest["sections"]), manifest["seconds"], args.out)

@@ -286,7 +286,8 @@ def test_cli_with_dask_cluster_and_param_validation(cli_brain, tmp_path):
         main(args + ["--param", "sampling=hexagonal"])
     params = json.dumps({"patch_px": 32, "pixel_size_um": 8, "count": 60, "count_per": "brain",
                          "shard_patches": 4, "seed": 1})
-    assert main(args + ["--threads", "2", "--params", params, "--param", "min_tissue_fraction=0.7"]) == 0
+    assert main(args + ["--threads", "2", "--dask", '{"cluster": "local"}', "--params", params,
+                        "--param", "min_tissue_fraction=0.7"]) == 0
     P.validate_store(out)
     m = json.loads((out / "manifest.json").read_text())
     assert m["n_patches"] == 60 and m["params"]["min_tissue_fraction"] == 0.7

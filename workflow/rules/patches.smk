@@ -16,12 +16,14 @@ rule patches:
         manifest=f"{R}/patches/{{brain}}/manifest.json",
     params:
         patches=as_json(config["patches"]),
+        dask=as_json(config["dask"]),  # where the Dask workers run (LocalCluster of {threads}, or Slurm jobs)
         out=f"{R}/patches/{{brain}}",
         masks=f"{R}/masks/{{brain}}",
-        code=fingerprint("patches", "readers", "tables", "transforms"),
+        code=fingerprint("patches", "readers", "tables", "transforms", "dask_cluster"),
     threads: config["threads"]["patches"]
     log:
         f"{R}/logs/patches/{{brain}}.log",
     shell:
         "cytonet patches --brain {wildcards.brain} --brains-table {input.brains} --areas {input.areas}"
-        " --masks-dir {params.masks} --out {params.out} --threads {threads} --params {params.patches} > {log} 2>&1"
+        " --masks-dir {params.masks} --out {params.out} --threads {threads} --dask {params.dask}"
+        " --params {params.patches} > {log} 2>&1"
