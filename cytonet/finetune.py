@@ -190,6 +190,9 @@ def finetune(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     train_ds = LabelledPatchDataset(data, gidx[train_m], tr_labels, cfg["augment"], cfg["seed"], cfg["input_px"])
     val_ds = LabelledPatchDataset(data, gidx[val_m], labels[val_m], False, cfg["seed"], cfg["input_px"])
 
+    # Seed before the model is built: the head's initial weights come from the global RNG, also when the encoder
+    # is loaded from a checkpoint (unseeded, two runs of the same job gave different classifiers).
+    torch.manual_seed(cfg["seed"])
     encoder = prepare_model(_encoder(cfg, encoder_checkpoint), dev)
     model = prepare_model(Classifier(encoder, n_classes), dev)
     linear = cfg["mode"] == "linear"

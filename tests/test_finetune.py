@@ -49,6 +49,16 @@ def test_full_finetune_from_pretrained(stores, tmp_path: Path) -> None:
     assert len(res["history"]) == 2
     assert predict(tmp_path / "ft" / "classifier.pt", np.zeros((2, 32, 32), np.uint8)).shape == (2, 3)
 
+    # Same seed, same encoder checkpoint: the same classifier (the head was once initialised unseeded).
+    cfg = {"mode": "linear", "epochs": 1, "num_workers": 0, "threads": 1, "batch_size": 16, "samples_per_epoch": 32}
+    heads = []
+    for name in ("lin_a", "lin_b"):
+        torch.manual_seed(len(name) + len(heads))  # a different global RNG state before each run
+        finetune([stores["known"]], tmp_path / name, cfg, encoder_checkpoint=tmp_path / "pt" / "encoder.pt",
+                 known_brains={"k1"})
+        heads.append(torch.load(tmp_path / name / "classifier.pt", weights_only=False)["head"])
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
 
 def test_unknown_brain_refused(stores, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="u1"):
