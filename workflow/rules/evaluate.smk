@@ -12,7 +12,8 @@ def model_specs(wildcards, input) -> str:
 rule evaluate:
     input:
         classifiers=expand(f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt", model=MODELS, seed=SEEDS),
-        stores=expand(f"{R}/patches/{{brain}}/manifest.json", brain=BRAINS),
+        stores=training_stores(BRAINS),  # ancient unless retrain_on_new_sections (training.smk)
+        spec=f"{R}/training/evaluate.json",
         brains=brains_table(),
         areas=areas_table(),
     output:

@@ -22,7 +22,8 @@ def finetune_params(wildcards) -> str:
 
 rule finetune:
     input:
-        stores=lambda wc: [f"{R}/patches/{b}/manifest.json" for b in known_brains()],
+        stores=lambda wc: training_stores(known_brains()),  # ancient unless retrain_on_new_sections (training.smk)
+        spec=f"{R}/training/finetune_{{model}}.json",
         encoder=lambda wc: [] if wc.model == "random_init" else [f"{R}/pretrain/encoder.pt"],
         brains=brains_table(),
         areas=areas_table(),

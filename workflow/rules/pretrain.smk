@@ -4,7 +4,8 @@
 
 rule pretrain:
     input:
-        stores=expand(f"{R}/patches/{{brain}}/manifest.json", brain=BRAINS),
+        stores=training_stores(BRAINS),  # ancient: a rebuilt store alone does not retrain (training.smk)
+        spec=f"{R}/training/pretrain.json",
     output:
         encoder=f"{R}/pretrain/encoder.pt",
     params:
