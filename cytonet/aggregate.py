@@ -393,10 +393,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.aggregate ...``"""
-    parser = argparse.ArgumentParser(prog="cytonet aggregate")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.aggregate ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.aggregate", argv)
 
 
 if __name__ == "__main__":

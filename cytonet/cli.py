@@ -48,5 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
+def stage_main(module: str, argv: list[str] | None = None) -> int:
+    """Run the command of one stage module, as ``python -m cytonet.<module>`` does (e.g. under torchrun)."""
+    command = next(name for name, (module_name, _) in COMMANDS.items() if module_name == module)
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

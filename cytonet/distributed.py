@@ -5,6 +5,11 @@ Kept free of model and data code so the launch logic can be unit-tested on its o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 import hashlib
 import os
 import subprocess

@@ -601,10 +601,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.evaluate``."""
-    parser = argparse.ArgumentParser(prog="python -m cytonet.evaluate", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.evaluate ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.evaluate", argv)
 
 
 if __name__ == "__main__":

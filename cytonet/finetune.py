@@ -352,10 +352,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.finetune``."""
-    parser = argparse.ArgumentParser(prog="python -m cytonet.finetune", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.finetune ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.finetune", argv)
 
 
 if __name__ == "__main__":

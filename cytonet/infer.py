@@ -673,10 +673,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.infer ...``"""
-    parser = argparse.ArgumentParser(prog="cytonet infer")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.infer ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.infer", argv)
 
 
 if __name__ == "__main__":

@@ -483,10 +483,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.pretrain`` (e.g. under torchrun or srun)."""
-    parser = argparse.ArgumentParser(prog="python -m cytonet.pretrain", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.pretrain ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.pretrain", argv)
 
 
 if __name__ == "__main__":

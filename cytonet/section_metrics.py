@@ -366,10 +366,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.section_metrics ...``"""
-    parser = argparse.ArgumentParser(prog="cytonet section-metrics")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.section_metrics ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.section_metrics", argv)
 
 
 if __name__ == "__main__":

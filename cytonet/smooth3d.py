@@ -343,10 +343,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.smooth3d ...``"""
-    parser = argparse.ArgumentParser(prog="cytonet smooth3d")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``python -m cytonet.smooth3d ...`` (the same as the ``cytonet`` sub-command)."""
+    from cytonet.cli import stage_main
+
+    return stage_main("cytonet.smooth3d", argv)
 
 
 if __name__ == "__main__":
