@@ -91,8 +91,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy, thumbnail,
-                            write_entropy_tif, write_label_png, write_overlay)
+from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy, publish,
+                            thumbnail, write_entropy_tif, write_label_png, write_overlay)
 
 log = logging.getLogger(__name__)
 
@@ -605,13 +605,7 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
             thumb = thumbnail(img if sec is None else sec, net_um, output_um, image_um)
             paths["overlay_png"] = write_overlay(tmp / f"{name}_overlay.png", thumb, labels, ids, names, colours,
                                                  uncertain)
-        final: dict[str, Path] = {}
-        for key, p_tmp in paths.items():
-            dst = out_dir / p_tmp.name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(p_tmp, dst)
-            final[key] = dst
+        final = publish(paths, out_dir)
         seconds = time.perf_counter() - t_start
         info = {"section": name, "image": img_where, "mode": mode, "classifier": model.source,
                 "image_pixel_size_um": image_um, "network_pixel_size_um": net_um, "window_px": S,

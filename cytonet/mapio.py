@@ -223,3 +223,18 @@ def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, ids: list[i
     fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+def publish(paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Move finished outputs from their temporary folder into ``out_dir`` (replacing old ones); return new paths."""
+    import os
+    import shutil
+
+    final: dict[str, Path] = {}
+    for key, src in paths.items():
+        dst = Path(out_dir) / Path(src).name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        final[key] = dst
+    return final

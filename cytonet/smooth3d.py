@@ -181,7 +181,7 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
     ``thumb``: grey section thumbnail for the overlay (a flat grey one when None). ``manifest``: extra keys.
     """
     from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy,
-                               write_entropy_tif, write_label_png, write_overlay)
+                               publish, write_entropy_tif, write_label_png, write_overlay)
 
     t0 = time.perf_counter()
     ids = [int(a["area_id"]) for a in areas]
@@ -217,13 +217,7 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
             k = max(1, min(4, 2048 // max(gh, gw, 1)))
             thumb = np.full((gh * k, gw * k), 200, np.uint8)
         paths["overlay_png"] = write_overlay(tmp / f"{name}_overlay.png", thumb, lab, ids, names, colours, uncertain)
-        final = {}
-        for key, src in paths.items():
-            dst = out_dir / src.name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(src, dst)
-            final[key] = dst
+        final = publish(paths, out_dir)
         info = dict(manifest or {})
         info.update({"section": name, "output_um": output_um, "image_pixel_size_um": image_um,
                      "grid_shape": [gh, gw], "n_tissue_locations": int(tissue.sum()),
