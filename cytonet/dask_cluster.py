@@ -38,6 +38,8 @@ import os
 import threading
 from typing import Any, Iterator
 
+from cytonet.params import with_defaults
+
 DEFAULTS: dict[str, Any] = {
     "cluster": "local",
     "jobs": 2,
@@ -53,11 +55,7 @@ DEFAULTS: dict[str, Any] = {
 
 def parse_dask_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in; an unknown key or cluster kind is an error that names it."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown dask config key(s): {', '.join(unknown)} (allowed: {', '.join(DEFAULTS)})")
-    out = {**DEFAULTS, **cfg}
+    out = with_defaults(DEFAULTS, cfg, "dask")
     if out["cluster"] not in ("local", "slurm"):
         raise ValueError(f"dask.cluster must be 'local' or 'slurm', not {out['cluster']!r}")
     return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytonet.params import add_params_arguments, parse_params
+from cytonet.params import add_params_arguments, parse_params, with_defaults
 from cytonet.models import autocast, build_encoder, normalize_uint8, prepare_model, to_input
 
 DEFAULTS: dict[str, Any] = {
@@ -50,11 +50,7 @@ DEFAULTS: dict[str, Any] = {
 
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Merge with DEFAULTS; raise ValueError naming unknown keys or bad values."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown finetune config key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **cfg}
+    out = with_defaults(DEFAULTS, cfg, "finetune")
     if out["mode"] not in ("linear", "full"):
         raise ValueError(f"config key 'mode': {out['mode']!r} is not 'linear' or 'full'")
     if not 0 <= float(out["val_fraction"]) < 1:

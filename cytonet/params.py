@@ -40,3 +40,12 @@ def parse_params(params: str | None, pairs: Sequence[str] | None = None) -> dict
 def from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The parameters given on a stage's command line."""
     return parse_params(args.params, args.param)
+
+
+def with_defaults(defaults: dict[str, Any], cfg: dict[str, Any] | None, stage: str) -> dict[str, Any]:
+    """``defaults`` updated by ``cfg``; an unknown key is a ValueError that names it and the stage."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {stage} config key(s): {', '.join(unknown)}; known: {', '.join(defaults)}")
+    return {**defaults, **cfg}

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cytonet import distributed as cdist
-from cytonet.params import add_params_arguments, parse_params
+from cytonet.params import add_params_arguments, parse_params, with_defaults
 from cytonet.models import autocast, build_encoder, prepare_model, to_input
 
 # Defaults (documented in the report / docs): every key here may be set with --param key=value or a YAML/JSON file.
@@ -67,11 +67,7 @@ LOSSES = ("hard", "weighted")
 
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Merge with DEFAULTS; raise ValueError naming any unknown key or bad value."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown pretrain config key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **cfg}
+    out = with_defaults(DEFAULTS, cfg, "pretrain")
     from cytonet.models import ENCODERS
 
     if out["encoder"] not in ENCODERS:
