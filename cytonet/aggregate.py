@@ -325,10 +325,10 @@ def write_montage(path: str | os.PathLike, summaries: Sequence[dict], *, max_wid
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from cytonet.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------------- run

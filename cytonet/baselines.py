@@ -192,15 +192,13 @@ def predict_profile_baseline(model: ProfileBaseline, patches: np.ndarray) -> np.
 
 def save_baseline(model: ProfileBaseline, path: str | Path) -> None:
     """Write the fitted baseline with joblib (temp file, then rename)."""
-    import os
 
     import joblib
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    joblib.dump(model, tmp)
-    os.replace(tmp, path)
+    from cytonet.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        joblib.dump(model, tmp)
 
 
 def load_baseline(path: str | Path) -> ProfileBaseline:

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytonet.atomic import atomic_path, atomic_write_text
+
 OUTPUTS = ("embedding.parquet", "umap_by_area.png", "umap_by_brain.png", "umap_by_position.png",
            "umap_fa_pb.png", "separation.json", "separation.md")
 EMBEDDING_COLUMNS = ["index", "store", "brain", "role", "section", "x_px", "y_px", "x_mm", "y_mm", "z_mm",
@@ -52,25 +54,13 @@ UNLABELLED = "unlabelled"
 
 
 # ------------------------------------------------------------------------------------------------ I/O helpers
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temp file in the same folder, then rename (never a half-written file)."""
-    tmp = _atomic_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def atomic_savefig(fig: Any, path: Path, dpi: int = 130) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def read_store_tables(stores: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -707,9 +697,8 @@ def embed(stores: Sequence[str | Path], out_dir: str | Path, areas_path: str | P
     df["area"] = [names.get(int(a), UNLABELLED) if a > 0 else UNLABELLED for a in df["area_id"]]
     df["brain"], df["section"] = df["brain"].astype(str), df["section"].astype(str)
     table_out = df[EMBEDDING_COLUMNS]
-    tmp = _atomic_path(out / "embedding.parquet")
-    table_out.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "embedding.parquet")
+    with atomic_path(out / "embedding.parquet") as tmp:
+        table_out.to_parquet(tmp, index=False)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,6 +36,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from cytonet.atomic import atomic_path
+
 SPLITS = ("known", "unknown", "all")
 SPLIT_TITLES = {"known": "Known brains", "unknown": "Unknown brains", "all": "All"}
 BASELINE_NAME = "laminar profile + LR"
@@ -283,13 +285,8 @@ def parse_model_specs(specs: Sequence[str]) -> list[ModelRun]:
 # ------------------------------------------------------------------------------------------------- outputs
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via `write(tmp)` then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_csv(df: pd.DataFrame, path: Path, index: bool = False) -> None:

@@ -31,7 +31,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from cytonet.atomic import atomic_path
 from cytonet.readers import Section, SectionReadError, open_section
 
 __all__ = ["EmptySectionError", "MaskResult", "compute_mask", "mask_image", "default_resolution",
@@ -269,17 +269,9 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write a PNG through a temp file in the same folder and os.replace, so no partial file is ever visible."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.png") as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def qc_overlay(grey_or_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cytonet.atomic import atomic_path
 from cytonet import distributed as cdist
 from cytonet.params import add_params_arguments, parse_params, with_defaults
 from cytonet.models import autocast, build_encoder, prepare_model, to_input
@@ -181,13 +182,10 @@ def spatial_nce_loss(z1: torch.Tensor, z2: torch.Tensor, xyz1: torch.Tensor, xyz
 # ------------------------------------------------------------------------------------------------ checkpoints
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then os.replace (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

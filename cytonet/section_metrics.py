@@ -37,13 +37,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from cytonet.atomic import atomic_write_text
 
 STATUS_OK = "ok"
 STATUS_NO_GT = "no_ground_truth"
@@ -55,21 +56,6 @@ class MetricsError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to a temp file in the same folder, then rename (readers never see a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
     """DataFrame -> CSV, atomically."""
     return atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
