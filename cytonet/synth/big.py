@@ -45,8 +45,9 @@ def write_big_section(path: str | Path, size_px: int, pixel_size_um: float = 2.0
     """Write a ``size_px``² phantom section as a tiled pyramidal OME-TIFF, strip by strip.
 
     Also writes its ground-truth tissue mask on a grid downsampled by 16 as ``<stem>_tissue_ds16.png``.
-    Memory: a few strips of 1024 rows (one per worker, plus those waiting to be written) and the reduced pyramid
-    levels (~1/3 of the full image in uint8). ``n_jobs`` worker processes render strips in parallel.
+    Memory: the renderer and a few strips of 1024 rows (one per worker, plus those waiting to be written); the
+    reduced pyramid levels are spilled to a temporary file beside ``path`` (see ``write_pyramid_tiled``).
+    ``n_jobs`` worker processes render strips in parallel.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

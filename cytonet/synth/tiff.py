@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import numpy as np
 import tifffile
 
 MIN_LEVEL_PX = 512
+# Streaming writes: rows of tiles per band read back from a spilled level, and bytes tifffile compresses at once
+# (its default, 256 MB, made the 40k section's writer hold ~0.5 GB of compressed tiles).
+BAND_TILES = 4
+BUFFER_BYTES = 16 * 2**20
 
 
 def n_sublevels(shape: tuple[int, int]) -> int:
@@ -53,44 +58,56 @@ def write_pyramid(path: str | Path, image: np.ndarray, pixel_size_um: float, til
     return path
 
 
+def _tiles(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """The tiles of a full-width row band in TIFF order, edge tiles padded by replication."""
+    for ty in range(0, band.shape[0], tile):
+        for tx in range(0, band.shape[1], tile):
+            t = band[ty:ty + tile, tx:tx + tile]
+            if t.shape != (tile, tile):
+                t = np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1])), mode="edge")
+            yield t
+
+
 def write_pyramid_tiled(path: str | Path, shape: tuple[int, int], strips: Iterator[np.ndarray],
                         pixel_size_um: float, tile: int = 256) -> Path:
-    """Write a huge image given as an iterator of full-width row strips (height a multiple of ``tile``).
+    """Write a huge image given as an iterator of full-width row strips (height a multiple of ``2 * tile``).
 
-    The full-resolution level streams from the strips; the reduced levels (1/4 of the pixels and less) are
-    accumulated in memory while streaming and written afterwards.
+    Memory stays at a few strips whatever the image size: the full-resolution level streams from the strips, each
+    reduced level is spilled to a temporary memory-mapped file beside ``path`` while the level above it is written,
+    and tifffile compresses at most ``BUFFER_BYTES`` at a time.
     """
     path = Path(path)
-    H, W = shape
     n = n_sublevels(shape)
-    levels: list[np.ndarray] = []
-    if n:
-        levels.append(np.empty(((H + 1) // 2, (W + 1) // 2), np.uint8))
-    pos = [0]
+    kw = dict(maxworkers=2, buffersize=BUFFER_BYTES, **_kw(tile))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as tmp:
 
-    def tiles() -> Iterator[np.ndarray]:
-        for strip in strips:
-            h = strip.shape[0]
-            if n:
-                d = downsample2(strip)
-                y = pos[0] // 2
-                levels[0][y:y + d.shape[0]] = d
-            pos[0] += h
-            for ty in range(0, h, tile):
-                for tx in range(0, W, tile):
-                    t = strip[ty:ty + tile, tx:tx + tile]
-                    if t.shape != (tile, tile):
-                        t = np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1])), mode="edge")
-                    yield t
+        def spill(bands: Iterator[np.ndarray], shape: tuple[int, int], level: int) -> Iterator[np.ndarray]:
+            """Yield the tiles of ``bands`` while writing their 2×2 mean into the memory map of ``level``."""
+            down = None
+            if level <= n:
+                down = np.lib.format.open_memmap(Path(tmp) / f"level{level}.npy", mode="w+", dtype=np.uint8,
+                                                 shape=((shape[0] + 1) // 2, (shape[1] + 1) // 2))
+            y = 0
+            for band in bands:
+                if down is not None:
+                    d = downsample2(band)
+                    down[y // 2:y // 2 + d.shape[0]] = d
+                y += band.shape[0]
+                yield from _tiles(band, tile)
+            if down is not None:
+                down.flush()
 
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-        tw.write(tiles(), shape=shape, dtype=np.uint8, subifds=n, metadata=_meta(pixel_size_um),
-                 resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um), resolutionunit="CENTIMETER",
-                 maxworkers=2, **_kw(tile))
-        if n:
-            level = levels.pop()
-            for i in range(n):
-                if i:
-                    level = downsample2(level)
-                tw.write(level, subfiletype=1, metadata=None, maxworkers=2, **_kw(tile))
+        def bands_of(level: int) -> Iterator[np.ndarray]:
+            a = np.load(Path(tmp) / f"level{level}.npy", mmap_mode="r")
+            for y in range(0, a.shape[0], BAND_TILES * tile):
+                yield np.asarray(a[y:y + BAND_TILES * tile])
+
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+            tw.write(spill(strips, shape, 1), shape=shape, dtype=np.uint8, subifds=n,
+                     metadata=_meta(pixel_size_um), resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um),
+                     resolutionunit="CENTIMETER", **kw)
+            for level in range(1, n + 1):
+                lshape = np.load(Path(tmp) / f"level{level}.npy", mmap_mode="r").shape
+                tw.write(spill(bands_of(level), lshape, level + 1), shape=lshape, dtype=np.uint8,
+                         subfiletype=1, metadata=None, **kw)
     return path
