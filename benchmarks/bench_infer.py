@@ -108,7 +108,8 @@ def run_case(spec: dict) -> dict:
     out = Path(spec["out"]) / spec["name"]
     t0 = time.perf_counter()
     r = infer.infer_section(spec["image"], spec["mask"], dm, None, out, name="sec", output_um=T * um,
-                            tile_px=spec["tile_px"], mode="dense", progress=False, overlay=spec.get("overlay", True))
+                            tile_px=spec["tile_px"], mode="dense", halo_px=spec.get("halo_px"), progress=False,
+                            overlay=spec.get("overlay", True))
     res["dense_s"] = time.perf_counter() - t0
     info = json.loads(r.paths["manifest"].read_text())
     H, W = (int(v) for v in spec["net_shape"])
@@ -209,6 +210,11 @@ def cases(args: argparse.Namespace) -> list[dict]:
          "mask": str(bmask), "tile_px": 4096, "naive_n": 1024},
         {**base, "name": "big-resnet50", "arch": "resnet50", "S": 256, "T": 32, "net_um": 16.0, "image": str(big),
          "mask": str(bmask), "tile_px": 4096, "naive_n": 32},
+        # halo_px=0: tiles carry only the window, not the receptive-field margin (cytonet.infer docstring, 4.)
+        {**base, "name": "demo-resnet50-halo0", "arch": "resnet50", "S": 256, "T": 32, "net_um": 4.0,
+         "image": str(demo), "mask": str(dmask), "tile_px": 4096, "naive_n": 32, "halo_px": 0},
+        {**base, "name": "big-resnet50-halo0", "arch": "resnet50", "S": 256, "T": 32, "net_um": 16.0,
+         "image": str(big), "mask": str(bmask), "tile_px": 4096, "naive_n": 32, "halo_px": 0},
     ]
 
 

@@ -237,6 +237,25 @@ def test_tile_size_invariance(tmp_path, section, model, dense_naive):
     assert np.array_equal(la, lb)
 
 
+def test_halo_zero_trades_tile_independence_for_speed(tmp_path, section, model, dense_naive):
+    """halo_px=0: less trunk work; tile edges see zero padding like naive windows, so the maps stay within the
+    dense-naive agreement of the full halo (argmax >= 99 % against both), and a wrong halo is refused."""
+    full, naive = dense_naive
+    cut = _run(tmp_path / "cut", section, model, mode="dense", tile_px=96, halo_px=0)
+    same_tiles = _run(tmp_path / "full", section, model, mode="dense", tile_px=96)
+    info, info_full = (json.loads(r.paths["manifest"].read_text()) for r in (cut, same_tiles))
+    assert info["rf_margin_px"] == 0 and info_full["rf_margin_px"] > 0
+    assert info["trunk_px"] < 0.8 * info_full["trunk_px"]
+    pc, pf, pn = _probs(cut), _probs(full), _probs(naive)
+    inside = ~np.isnan(pf[0])
+    for other in (pf, pn):
+        assert (pc.argmax(0) == other.argmax(0))[inside].mean() >= 0.99
+        assert np.abs(pc - other)[:, inside].mean() < 0.05
+    assert not np.allclose(pc[:, inside], pf[:, inside], atol=1e-4)  # tile edges did lose context
+    with pytest.raises(infer.InferenceError, match="halo_px"):
+        _run(tmp_path / "bad", section, model, mode="dense", halo_px=-1)
+
+
 def test_snapping_when_stride_not_multiple(tmp_path, section, model):
     """T=8 < net stride 16: pooled boxes snap (±4 px) to feature cells; agreement >= 99 %, max |Δp| < 0.75."""
     d = _run(tmp_path / "d", section, model, mode="dense", output_um=8 * PX_UM, tile_px=512)
