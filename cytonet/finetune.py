@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.2,       # fraction of labelled sections held out for validation
     "balanced": True,          # class-balanced sampling (WeightedRandomSampler)
     "samples_per_epoch": None, # None: number of training rows
+    "val_every": 1,            # validate every N epochs and after the last; the scores are only logged
     "augment": None,           # None: False for linear, True for full
     "input_px": None,
     "num_workers": 2,
@@ -53,6 +54,8 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     out = with_defaults(DEFAULTS, cfg, "finetune")
     if out["mode"] not in ("linear", "full"):
         raise ValueError(f"config key 'mode': {out['mode']!r} is not 'linear' or 'full'")
+    if int(out["val_every"]) < 1:
+        raise ValueError(f"config key 'val_every': must be >= 1, got {out['val_every']}")
     if not 0 <= float(out["val_fraction"]) < 1:
         raise ValueError("config key 'val_fraction' must be in [0, 1)")
     if out["lr"] is None:
@@ -267,9 +270,11 @@ def finetune(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
                 tot += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 n += len(y)
-            vl, va = evaluate()
+            validate = epoch % cfg["val_every"] == 0 or epoch == cfg["epochs"]
+            vl, va = evaluate() if validate else (None, None)
             row = {"epoch": epoch, "train_loss": round(tot / max(n, 1), 6), "train_acc": round(correct / max(n, 1), 4),
-                   "val_loss": round(vl, 6), "val_acc": round(va, 4), "lr": f"{sched.get_last_lr()[-1]:.3e}"}
+                   "val_loss": None if vl is None else round(vl, 6), "val_acc": None if va is None else round(va, 4),
+                   "lr": f"{sched.get_last_lr()[-1]:.3e}"}
             writer.writerow(row)
             fh.flush()
             history.append(row)

@@ -128,8 +128,15 @@ def labels_to_grid(gt: np.ndarray, grid_shape: tuple[int, int], cell_px: float,
     so memory stays at O(grid × labels) plus one strip.
     """
     gh, gw = grid_shape
-    values, inverse = np.unique(gt, return_inverse=True)  # compact label indices: uint16 ids stay cheap
-    inverse = inverse.reshape(gt.shape)
+    if gt.dtype.kind == "u" and gt.dtype.itemsize <= 2:
+        # compact label indices through a lookup table (np.unique sorts every pixel: 0.6 s per demo section)
+        values = np.flatnonzero(np.bincount(gt.ravel(), minlength=1))
+        lut = np.zeros(int(values[-1]) + 1, np.int64)
+        lut[values] = np.arange(len(values))
+        inverse = lut[gt]
+    else:
+        values, inverse = np.unique(gt, return_inverse=True)
+        inverse = inverse.reshape(gt.shape)
     nlab = len(values)
     H, W = gt.shape
     # cell index of each ground-truth pixel centre: floor((r + 0.5) * f / c)

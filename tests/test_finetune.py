@@ -25,12 +25,14 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_linear_probe_and_predict(stores, tmp_path: Path) -> None:
-    res = finetune([stores["known"]], tmp_path, {"mode": "linear", "epochs": 15, "num_workers": 0, "threads": 1},
-                   known_brains={"k1"})
+    res = finetune([stores["known"]], tmp_path, {"mode": "linear", "epochs": 15, "num_workers": 0, "threads": 1,
+                                                 "val_every": 4}, known_brains={"k1"})
     assert res["n_train"] + res["n_val"] == 4 * 36  # only labelled sections (section 3 has no labels)
     log = pd.read_csv(tmp_path / "finetune_log.csv")
     assert list(log.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"] and len(log) == 15
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    # validated every 4th epoch and after the last; the others leave the val columns empty
+    assert list(log.dropna(subset=["val_acc"])["epoch"]) == [4, 8, 12, 15] and log["val_loss"].notna().sum() == 4
     patches = np.random.default_rng(0).integers(0, 255, (7, 32, 32), dtype=np.uint8)
     p = predict(tmp_path / "classifier.pt", patches)
     assert p.shape == (7, 3) and np.allclose(p.sum(1), 1, atol=1e-5) and (p >= 0).all()

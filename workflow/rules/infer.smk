@@ -23,6 +23,7 @@ rule infer:
         uncertain=config["infer"]["uncertain_below"],
         tile=config["infer"]["tile_px"],
         mode=config["infer"]["mode"],
+        halo="" if config["infer"]["halo_px"] is None else f"--halo-px {config['infer']['halo_px']}",
         code=fingerprint("infer", "mapio", "models", "readers", "finetune"),
     threads: config["threads"]["infer"]
     log:
@@ -31,26 +32,34 @@ rule infer:
         "cytonet infer --image {input.image} --mask {input.mask} --classifier {input.classifier}"
         " --areas {input.areas} --out {params.out} --name {wildcards.section} {params.pixel_size}"
         " --output-um {params.output_um} --uncertain-below {params.uncertain} --tile-px {params.tile}"
-        " --mode {params.mode} --threads {threads} --no-progress > {log} 2>&1"
+        " --mode {params.mode} {params.halo} --threads {threads} --no-progress > {log} 2>&1"
 
 
 # Optional 3D consistency: smooth each section's probabilities with its neighbours' through their 3D transforms.
-rule smooth3d:
-    input:
-        maps=lambda wc: [f"{R}/maps/cytonet/{wc.brain}/{s}_infer.json" for s in sections_of(wc.brain)],
-        brains=brains_table(),
-    output:
-        manifest=f"{R}/maps/cytonet_smooth3d/{{brain}}/{{section}}_infer.json",
-    params:
-        pred=f"{R}/maps/cytonet/{{brain}}",
-        out=f"{R}/maps/cytonet_smooth3d/{{brain}}",
-        sigma=config["smooth3d"]["sigma_um"],
-        neighbours=config["smooth3d"]["neighbours"],
-        thickness=config["section_thickness_um"],
-        code=fingerprint("smooth3d", "mapio", "transforms", "tables"),
-    log:
-        f"{R}/logs/smooth3d/{{brain}}/{{section}}.log",
-    shell:
-        "cytonet smooth3d --brains {input.brains} --brain {wildcards.brain} --section {wildcards.section}"
-        " --pred {params.pred} --out {params.out} --sigma-um {params.sigma} --neighbours {params.neighbours}"
-        " --section-thickness-um {params.thickness} > {log} 2>&1"
+# One job per brain (its rule written out per brain, so that every smoothed section is a declared output): every
+# smoothed section reads its neighbours' maps, so any changed map of the brain reruns them all anyway, and one
+# process reads each map once instead of once per neighbour.
+for _brain in BRAINS:
+
+    rule:
+        name:
+            f"smooth3d_{_brain}"
+        input:
+            maps=[f"{R}/maps/cytonet/{_brain}/{s}_infer.json" for s in sections_of(_brain)],
+            brains=brains_table(),
+        output:
+            manifests=[f"{R}/maps/cytonet_smooth3d/{_brain}/{s}_infer.json" for s in sections_of(_brain)],
+        params:
+            brain=_brain,
+            pred=f"{R}/maps/cytonet/{_brain}",
+            out=f"{R}/maps/cytonet_smooth3d/{_brain}",
+            sigma=config["smooth3d"]["sigma_um"],
+            neighbours=config["smooth3d"]["neighbours"],
+            thickness=config["section_thickness_um"],
+            code=fingerprint("smooth3d", "mapio", "transforms", "tables"),
+        log:
+            f"{R}/logs/smooth3d/{_brain}.log",
+        shell:
+            "cytonet smooth3d --brains {input.brains} --brain {params.brain}"
+            " --pred {params.pred} --out {params.out} --sigma-um {params.sigma} --neighbours {params.neighbours}"
+            " --section-thickness-um {params.thickness} > {log} 2>&1"
