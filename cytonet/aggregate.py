@@ -4,10 +4,11 @@ Input: the JSON summaries of ``cytonet section-metrics`` (one per section and mo
 confusion counts and where the maps are). Outputs in ``--out`` (every file written to a temp file, then renamed):
 
 - ``metrics_sections.csv``: one row per (model, section): model, brain, section, role, status, z_um, accuracy,
-  macro_f1, coverage, n_cortex_px.
+  macro_f1, coverage, macro_f1_argmax, n_cortex_px.
 - ``metrics_brains.csv`` / ``.md``: one row per (model, brain): model, brain, role, n_sections, n_evaluated,
   macro_f1_mean, accuracy_mean, coverage_mean (means over the evaluated sections), accuracy_pooled,
-  macro_f1_pooled, then ``f1_<area>`` and ``iou_<area>`` (pixel-pooled over the brain's sections).
+  macro_f1_pooled, macro_f1_argmax_pooled (most probable area, no uncertainty threshold), then ``f1_<area>``
+  and ``iou_<area>`` (pixel-pooled over the brain's sections).
 - ``metrics_overall.csv`` / ``.md``: one row per (model, group), group = ``known``, ``unknown`` (role from the brains
   table) and ``all``: model, group, n_brains, n_sections, n_evaluated and the same metric columns, pooled over all
   sections of the group's brains. Baseline rows (another ``--model`` label given to section-metrics) simply appear
@@ -39,7 +40,8 @@ import pandas as pd
 from cytonet.section_metrics import (STATUS_OK, atomic_write_csv, atomic_write_text, scores_from_confusion,
                                      summary_from_confusion)
 
-METRIC_COLUMNS = ["macro_f1_mean", "accuracy_mean", "coverage_mean", "accuracy_pooled", "macro_f1_pooled"]
+METRIC_COLUMNS = ["macro_f1_mean", "accuracy_mean", "coverage_mean", "accuracy_pooled", "macro_f1_pooled",
+                  "macro_f1_argmax_pooled"]
 MAP_KEYS = {"zarr": "zarr", "areas_png": "areas_png", "overlay_png": "overlay_png", "entropy_tif": "entropy_tif"}
 
 
@@ -89,10 +91,10 @@ def area_colours(summaries: Sequence[dict]) -> dict[int, str]:
     return cols
 
 
-def _merge_confusion(summaries: Iterable[dict]) -> dict[int, dict[int, int]]:
+def _merge_confusion(summaries: Iterable[dict], key: str = "confusion") -> dict[int, dict[int, int]]:
     total: dict[int, dict[int, int]] = {}
     for s in summaries:
-        for t, row in (s.get("confusion") or {}).items():
+        for t, row in (s.get(key) or {}).items():
             dst = total.setdefault(int(t), {})
             for p, k in row.items():
                 dst[int(p)] = dst.get(int(p), 0) + int(k)
@@ -111,10 +113,11 @@ def _uncertain(summaries: Sequence[dict]) -> int:
 # -------------------------------------------------------------------------------------------------- tables
 def section_table(summaries: Sequence[dict]) -> pd.DataFrame:
     """One row per (model, section)."""
-    cols = ["model", "brain", "section", "role", "status", "z_um", "accuracy", "macro_f1", "coverage", "n_cortex_px"]
+    cols = ["model", "brain", "section", "role", "status", "z_um", "accuracy", "macro_f1", "coverage",
+            "macro_f1_argmax", "n_cortex_px"]
     rows = [{c: s.get(c) for c in cols} for s in summaries]
     t = pd.DataFrame(rows, columns=cols)
-    for c in ("z_um", "accuracy", "macro_f1", "coverage"):
+    for c in ("z_um", "accuracy", "macro_f1", "coverage", "macro_f1_argmax"):
         t[c] = pd.to_numeric(t[c], errors="coerce")
     return t.sort_values(["model", "brain", "z_um", "section"], kind="stable").reset_index(drop=True)
 
@@ -131,7 +134,9 @@ def group_metrics(summaries: Sequence[dict], names: dict[int, str]) -> tuple[dic
            "macro_f1_mean": _nanmean(s.get("macro_f1") for s in ok),
            "accuracy_mean": _nanmean(s.get("accuracy") for s in ok),
            "coverage_mean": _nanmean(s.get("coverage") for s in ok),
-           "accuracy_pooled": pooled["accuracy"], "macro_f1_pooled": pooled["macro_f1"]}
+           "accuracy_pooled": pooled["accuracy"], "macro_f1_pooled": pooled["macro_f1"],
+           # threshold-free: the most probable area of every cell (NaN for summaries written without it)
+           "macro_f1_argmax_pooled": summary_from_confusion(_merge_confusion(ok, "confusion_argmax"), unc)["macro_f1"]}
     f1 = dict(zip(per["area_id"], per["f1"]))
     iou = dict(zip(per["area_id"], per["iou"]))
     for a, n in names.items():

@@ -18,6 +18,9 @@ truth or predicted inside the cortex): tp, fp, fn; ``f1 = 2tp / (2tp + fp + fn)`
 ``n_px`` = cortex cells whose true area is a (support, in output-grid cells). Section summary: ``accuracy`` (correct
 / cortex cells), ``macro_f1`` (mean F1 over areas present in the ground truth), ``coverage`` (fraction of cortex
 cells given a confident area label). The JSON also holds the confusion counts, so aggregation can pool pixels.
+``macro_f1_argmax`` / ``accuracy_argmax`` (with ``confusion_argmax``) score the most probable area of every tissue
+cell instead, read from the OME-Zarr probabilities: the threshold-free quality of the classifier, comparable with
+the patch-level evaluation, while ``macro_f1`` is that of the map a user sees (uncertain cells count as wrong).
 
 Outputs (each written to a temp file and renamed)
 -------------------------------------------------
@@ -91,6 +94,7 @@ class Prediction:
     manifest: dict
     pred_dir: Path
     name: str
+    top: np.ndarray | None = None  # (gh, gw) most probable area id inside tissue, 0 outside (None: no OME-Zarr)
 
 
 def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
@@ -104,9 +108,22 @@ def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
     if not png.is_file():
         raise MetricsError(f"section {name}: area map {png} not found")
     labels = _read_label_image(png)
+    areas = list(manifest.get("areas", []))
     return Prediction(labels, int(manifest.get("uncertain_value", 255)), float(manifest["output_um"]),
-                      float(manifest["image_pixel_size_um"]), list(manifest.get("areas", [])), manifest, pred_dir,
-                      name)
+                      float(manifest["image_pixel_size_um"]), areas, manifest, pred_dir, name,
+                      _most_probable(pred_dir / manifest.get("outputs", {}).get("zarr", f"{name}.ome.zarr"), areas))
+
+
+def _most_probable(zarr_path: Path, areas: list[dict]) -> np.ndarray | None:
+    """Most probable area id per cell of the full-resolution level of infer's probabilities (0 outside tissue)."""
+    if not zarr_path.is_dir() or not areas:
+        return None
+    import zarr
+
+    probs = np.asarray(zarr.open_group(str(zarr_path), mode="r")["0"][...])  # (areas, gh, gw), NaN outside tissue
+    ids = np.array([int(a["area_id"]) for a in areas])
+    inside = ~np.isnan(probs).any(axis=0)
+    return np.where(inside, ids[np.argmax(np.nan_to_num(probs, nan=-1.0), axis=0)], 0)
 
 
 def _read_label_image(path: Path) -> np.ndarray:
@@ -285,7 +302,7 @@ def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, sect
     if not ground_truth or (isinstance(ground_truth, float) and math.isnan(ground_truth)):
         row = {**base, "status": STATUS_NO_GT}
         summary.update(status=STATUS_NO_GT, n_cortex_px=0, accuracy=None, macro_f1=None, coverage=None,
-                       per_area=[], confusion={})
+                       macro_f1_argmax=None, accuracy_argmax=None, per_area=[], confusion={}, confusion_argmax={})
         return pd.DataFrame([row], columns=CSV_COLUMNS), summary
     truth = ground_truth_on_grid(ground_truth, pred, section, _full_res_shape(image, pixel_size_um))
     unknown = sorted(set(int(v) for v in np.unique(truth)) - set(names) - {0})
@@ -299,6 +316,9 @@ def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, sect
     per = per[CSV_COLUMNS]
     summary.update(status=STATUS_OK, **summ, per_area=per.drop(columns=list(base) + ["status"]).to_dict("records"),
                    confusion=conf)
+    if pred.top is not None:
+        _, top, top_conf = section_scores(truth, pred.top, pred.uncertain)
+        summary.update(macro_f1_argmax=top["macro_f1"], accuracy_argmax=top["accuracy"], confusion_argmax=top_conf)
     return per, summary
 
 

@@ -79,15 +79,17 @@ def _expected(cells: dict, keys: list) -> dict:
         cc = tt > 0
         secs.append((f1_score(tt[cc], pp[cc], labels=sorted(set(tt[cc])), average="macro"),
                      accuracy_score(tt[cc], pp[cc])))
+    top = np.where(p == UNC, 1, p)  # uncertain cells hold uniform probabilities: the most probable is the first area
     return {"accuracy_pooled": accuracy_score(t[c], p[c]),
             "macro_f1_pooled": f1_score(t[c], p[c], labels=present, average="macro"),
+            "macro_f1_argmax_pooled": f1_score(t[c], top[c], labels=present, average="macro"),
             "macro_f1_mean": np.mean([s[0] for s in secs]), "accuracy_mean": np.mean([s[1] for s in secs]),
             "f1": dict(zip([1, 2, 3], f1_score(t[c], p[c], labels=[1, 2, 3], average=None))),
             "iou": dict(zip([1, 2, 3], jaccard_score(t[c], p[c], labels=[1, 2, 3], average=None)))}
 
 
 def _check(row: pd.Series, exp: dict) -> None:
-    for col in ("accuracy_pooled", "macro_f1_pooled", "macro_f1_mean", "accuracy_mean"):
+    for col in ("accuracy_pooled", "macro_f1_pooled", "macro_f1_mean", "accuracy_mean", "macro_f1_argmax_pooled"):
         assert row[col] == pytest.approx(exp[col]), col
     for a, name in ((1, "FA"), (2, "PB"), (3, "OC")):
         assert row[f"f1_{name}"] == pytest.approx(exp["f1"][a])

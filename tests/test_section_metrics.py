@@ -149,6 +149,30 @@ def test_cli_section_with_ground_truth(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
 
 
+def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path):
+    """From real map files: an uncertain cell whose most probable area is right counts for the argmax metrics only."""
+    from cytonet.smooth3d import write_maps
+
+    coarse = np.array([[0, 1, 1, 2], [1, 1, 2, 2], [0, 3, 3, 3]], np.uint8)
+    Image.fromarray(np.kron(coarse, np.ones((8, 8), np.uint8))).save(tmp_path / "gt.png")
+    probs = np.full((3, 3, 4), 0.05, np.float32)
+    for k in range(3):
+        probs[k][coarse == k + 1] = 0.9
+    probs[:, 0, 1] = [0.4, 0.3, 0.3]  # FA, but below the 0.5 threshold: "uncertain" in the area map
+    probs[:, 2, 3] = [0.1, 0.8, 0.1]  # OC predicted as PB
+    write_maps(tmp_path / "pred", "b1_s000", probs, AREAS, 64.0, 8.0)
+    brains = _tables(tmp_path, str(tmp_path / "gt.png"))
+    assert sm.main(["--brains", str(brains), "--brain", "b1", "--section", "b1_s000", "--pred",
+                    str(tmp_path / "pred"), "--out-csv", str(tmp_path / "m.csv"), "--out-json",
+                    str(tmp_path / "m.json")]) == 0
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert summary["accuracy"] == pytest.approx(8 / 10) and summary["accuracy_argmax"] == pytest.approx(9 / 10)
+    f1_fa, f1_pb, f1_oc = 1.0, 2 * 3 / (2 * 3 + 1), 2 * 2 / (2 * 2 + 1)
+    assert summary["macro_f1_argmax"] == pytest.approx((f1_fa + f1_pb + f1_oc) / 3)
+    assert summary["macro_f1"] < summary["macro_f1_argmax"]
+    assert summary["confusion_argmax"]["3"] == {"3": 2, "2": 1}
+
+
 def test_cli_section_without_ground_truth(tmp_path):
     write_fake_prediction(tmp_path / "pred", "b1_s000", np.ones((3, 4), np.uint8), 64.0, 8.0)
     brains = _tables(tmp_path, None)
