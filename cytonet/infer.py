@@ -641,9 +641,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``cytonet infer``."""
     parser.add_argument("--image", required=True, help="section image (tiled TIFF, OME-Zarr, PNG)")
     parser.add_argument("--mask", required=True, help="tissue mask PNG (0/255, same extent as the image)")
-    parser.add_argument("--classifier", required=True, help="classifier checkpoint (finetune's classifier.pt)")
+    parser.add_argument("--classifier", required=True, action="append",
+                        help="classifier checkpoint (finetune's classifier.pt); repeat with --out to map the "
+                             "section with several models in one process")
     parser.add_argument("--areas", required=True, help="areas table (area_id, name, color)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, action="append", help="output folder (one per --classifier)")
     parser.add_argument("--name", help="output name (default: image file stem)")
     parser.add_argument("--pixel-size", type=float, help="image pixel size in µm when its metadata has none")
     parser.add_argument("--patch-um", type=float, help="training patch resolution, if the checkpoint lacks it")
@@ -661,21 +663,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``cytonet infer``."""
+    """Run ``cytonet infer``: the section once per (--classifier, --out) pair."""
     # Set deliberately: Snakemake exports OMP_NUM_THREADS=1 for rules; torch would silently use one core.
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    try:
-        res = infer_section(args.image, args.mask, args.classifier, args.areas, args.out, name=args.name,
-                            pixel_size_um=args.pixel_size, output_um=args.output_um,
-                            uncertain_below=args.uncertain_below, tile_px=args.tile_px, mode=args.mode,
-                            halo_px=args.halo_px,
-                            device=args.device, batch_size=args.batch_size, patch_um=args.patch_um,
-                            progress=not args.no_progress)
-    except InferenceError as exc:
-        print(f"cytonet infer: error: {exc}", file=sys.stderr)
+    if len(args.classifier) != len(args.out):
+        print(f"cytonet infer: error: {len(args.classifier)} --classifier but {len(args.out)} --out; give one "
+              "output folder per classifier", file=sys.stderr)
         return 2
-    print(f"{res.paths['manifest']}: {res.n_locations} locations, grid {res.grid_shape[0]}x{res.grid_shape[1]} "
-          f"at {res.output_um:g} µm, {res.seconds:.1f} s")
+    for classifier, out in zip(args.classifier, args.out):
+        try:
+            res = infer_section(args.image, args.mask, classifier, args.areas, out, name=args.name,
+                                pixel_size_um=args.pixel_size, output_um=args.output_um,
+                                uncertain_below=args.uncertain_below, tile_px=args.tile_px, mode=args.mode,
+                                halo_px=args.halo_px, device=args.device, batch_size=args.batch_size,
+                                patch_um=args.patch_um, progress=not args.no_progress)
+        except InferenceError as exc:
+            print(f"cytonet infer: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{res.paths['manifest']}: {res.n_locations} locations, grid {res.grid_shape[0]}x{res.grid_shape[1]} "
+              f"at {res.output_um:g} µm, {res.seconds:.1f} s")
     return 0
 
 

@@ -343,17 +343,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--brains", required=True, help="brains table (gives the role and the sections table)")
     parser.add_argument("--brain", required=True, help="brain id")
     parser.add_argument("--section", required=True, help="section id")
-    parser.add_argument("--pred", required=True, help="folder with <name>_infer.json and <name>_areas.png")
+    parser.add_argument("--pred", required=True, action="append",
+                        help="folder with <name>_infer.json and <name>_areas.png; repeat with --model, --out-csv "
+                             "and --out-json to score several models' maps of the section in one process")
     parser.add_argument("--name", help="output name in --pred (default: the section id)")
-    parser.add_argument("--out-csv", required=True, help="per-area CSV to write")
-    parser.add_argument("--out-json", required=True, help="JSON summary to write")
-    parser.add_argument("--model", default="cytonet", help="model label for the tables (default cytonet)")
+    parser.add_argument("--out-csv", required=True, action="append", help="per-area CSV to write (one per --pred)")
+    parser.add_argument("--out-json", required=True, action="append", help="JSON summary to write (one per --pred)")
+    parser.add_argument("--model", action="append",
+                        help="model label for the tables, one per --pred (default: cytonet for a single --pred)")
     parser.add_argument("--ground-truth", help="override the sections table's ground_truth ('none' = ignore it)")
     parser.add_argument("--section-thickness-um", type=float, help="config section_thickness_um (for section_index)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``cytonet section-metrics``."""
+    """Run ``cytonet section-metrics``: one table and summary per (--pred, --model, --out-csv, --out-json)."""
+    models = args.model or (["cytonet"] if len(args.pred) == 1 else [])
+    if not len(args.pred) == len(models) == len(args.out_csv) == len(args.out_json):
+        print(f"cytonet section-metrics: error: {len(args.pred)} --pred, {len(models)} --model, "
+              f"{len(args.out_csv)} --out-csv and {len(args.out_json)} --out-json; give one of each per model",
+              file=sys.stderr)
+        return 2
     try:
         role, row = _section_row(args.brains, args.brain, args.section, args.section_thickness_um)
         gt = row.get("ground_truth")
@@ -362,19 +371,22 @@ def run(args: argparse.Namespace) -> int:
         gt = None if gt is None or (isinstance(gt, float) and math.isnan(gt)) else str(gt)
         px = row.get("pixel_size_um")
         px = float(px) if px is not None and not pd.isna(px) else None
-        table, summary = evaluate_section(args.pred, args.name or args.section, brain=args.brain,
-                                          section=args.section, role=role, ground_truth=gt, image=row.get("image"),
-                                          pixel_size_um=px, z_um=float(row["z_um"]), model=args.model)
+        results = [evaluate_section(pred, args.name or args.section, brain=args.brain, section=args.section,
+                                    role=role, ground_truth=gt, image=row.get("image"), pixel_size_um=px,
+                                    z_um=float(row["z_um"]), model=model) for pred, model in zip(args.pred, models)]
     except (MetricsError, ValueError) as exc:
         print(f"cytonet section-metrics: error: {exc}", file=sys.stderr)
         return 2
-    atomic_write_csv(args.out_csv, table)
-    atomic_write_json(args.out_json, summary)
-    if summary["status"] == STATUS_OK:
-        print(f"{args.brain}/{args.section}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
-              f"coverage {summary['coverage']:.3f} ({summary['n_cortex_px']} cortex cells)")
-    else:
-        print(f"{args.brain}/{args.section}: no ground truth")
+    for (table, summary), model, out_csv, out_json in zip(results, models, args.out_csv, args.out_json):
+        atomic_write_csv(out_csv, table)
+        atomic_write_json(out_json, summary)
+        where = f"{args.brain}/{args.section} ({model})"
+        if summary["status"] == STATUS_OK:
+            print(f"{where}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, coverage "
+                  f"{summary['coverage']:.3f}, argmax macro-F1 {summary.get('macro_f1_argmax') or float('nan'):.3f} "
+                  f"({summary['n_cortex_px']} cortex cells)")
+        else:
+            print(f"{where}: no ground truth")
     return 0
 
 

@@ -288,14 +288,25 @@ def test_cli_end_to_end(tmp_path, section, model):
     p = _write_inputs(tmp_path, section, model)
     parser = __import__("argparse").ArgumentParser()
     infer.configure_parser(parser)
-    args = parser.parse_args(["--image", str(p["image"]), "--mask", str(p["mask"]), "--classifier", str(p["ckpt"]),
-                              "--areas", str(p["areas"]), "--out", str(tmp_path / "out"), "--pixel-size",
-                              str(PX_UM), "--output-um", str(T * PX_UM), "--tile-px", "512", "--threads", "1",
-                              "--no-progress"])
+    common = ["--image", str(p["image"]), "--mask", str(p["mask"]), "--areas", str(p["areas"]), "--pixel-size",
+              str(PX_UM), "--output-um", str(T * PX_UM), "--tile-px", "512", "--threads", "1", "--no-progress"]
+    # two models in one process (the workflow's infer job maps a section with every model of infer.models)
+    args = parser.parse_args(common + ["--classifier", str(p["ckpt"]), "--out", str(tmp_path / "out"),
+                                       "--classifier", str(p["ckpt"]), "--out", str(tmp_path / "out2")])
     assert infer.run(args) == 0
-    out = tmp_path / "out"
-    for f in ("sec.ome.zarr", "sec_areas.png", "sec_entropy.tif", "sec_overlay.png", "sec_infer.json"):
-        assert (out / f).exists(), f
+    for out in (tmp_path / "out", tmp_path / "out2"):
+        for f in ("sec.ome.zarr", "sec_areas.png", "sec_entropy.tif", "sec_overlay.png", "sec_infer.json"):
+            assert (out / f).exists(), f
+    assert _probs_of(tmp_path / "out").tobytes() == _probs_of(tmp_path / "out2").tobytes()
+    unpaired = parser.parse_args(common + ["--classifier", str(p["ckpt"]), "--classifier", str(p["ckpt"]),
+                                           "--out", str(tmp_path / "out3")])
+    assert infer.run(unpaired) == 2 and not (tmp_path / "out3").exists()
+
+
+def _probs_of(out: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(out / "sec.ome.zarr"), mode="r")["0"][...]
 
 
 def test_bad_inputs_name_the_file(tmp_path, section, model):

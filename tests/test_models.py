@@ -74,6 +74,18 @@ def test_store_reads_lazily_in_workers(tmp_path: Path) -> None:
     assert all(float((it["xyz1"] - it["xyz2"]).norm()) < 0.6 for it in items)
 
 
+def test_small_stores_are_cached_in_memory_with_the_same_pixels(tmp_path: Path) -> None:
+    import zarr
+
+    p = make_store(tmp_path, "b1", n_sections=2, grid=4, patch_px=16)
+    cached, lazy = PatchStores([p]), PatchStores([p], cache_mb=0)
+    a, b = cached.read(5), lazy.read(5)
+    assert isinstance(cached._arrays[0], np.ndarray) and isinstance(lazy._arrays[0], zarr.Array)
+    assert np.array_equal(a, b) and a.shape == (16, 16)
+    a[:] = 0  # a read is a copy: changing it leaves the cache intact
+    assert np.array_equal(cached.read(5), b)
+
+
 def test_partner_fallback_counted(tmp_path: Path) -> None:
     p = make_store(tmp_path, "b1", n_sections=1, grid=3, patch_px=16, spacing_mm=5.0)
     ds = SpatialPairDataset(PatchStores([p]), radius_mm=1.0)

@@ -161,10 +161,19 @@ def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path):
     probs[:, 0, 1] = [0.4, 0.3, 0.3]  # FA, but below the 0.5 threshold: "uncertain" in the area map
     probs[:, 2, 3] = [0.1, 0.8, 0.1]  # OC predicted as PB
     write_maps(tmp_path / "pred", "b1_s000", probs, AREAS, 64.0, 8.0)
+    write_maps(tmp_path / "pred2", "b1_s000", probs[[1, 0, 2]], AREAS, 64.0, 8.0)  # FA and PB swapped
     brains = _tables(tmp_path, str(tmp_path / "gt.png"))
-    assert sm.main(["--brains", str(brains), "--brain", "b1", "--section", "b1_s000", "--pred",
-                    str(tmp_path / "pred"), "--out-csv", str(tmp_path / "m.csv"), "--out-json",
-                    str(tmp_path / "m.json")]) == 0
+    one_model = ["--pred", str(tmp_path / "pred"), "--out-csv", str(tmp_path / "m.csv"), "--out-json",
+                 str(tmp_path / "m.json")]
+    base = ["--brains", str(brains), "--brain", "b1", "--section", "b1_s000"]
+    assert sm.main(base + one_model) == 0
+    # several models' maps in one call: a table and summary per model; unpaired options are refused
+    two = ["--model", "a", *one_model, "--model", "b", "--pred", str(tmp_path / "pred2"), "--out-csv",
+           str(tmp_path / "b.csv"), "--out-json", str(tmp_path / "b.json")]
+    assert sm.main(base + two) == 0
+    other = json.loads((tmp_path / "b.json").read_text())
+    assert other["model"] == "b" and other["accuracy_argmax"] == pytest.approx(2 / 10)  # only two OC cells right
+    assert sm.main(base + two[:-2]) == 2
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["accuracy"] == pytest.approx(8 / 10) and summary["accuracy_argmax"] == pytest.approx(9 / 10)
     f1_fa, f1_pb, f1_oc = 1.0, 2 * 3 / (2 * 3 + 1), 2 * 2 / (2 * 2 + 1)

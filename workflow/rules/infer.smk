@@ -1,6 +1,7 @@
-# Whole-section inference: one job per section and mapped model. "cytonet" is the seed-0 CytoNet classifier; the
-# other models in infer.models (e.g. the random-init baseline) are mapped the same way so that section-level
-# metrics compare them. `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
+# Whole-section inference: one job per section maps it with every model in infer.models ("cytonet" is the
+# seed-0 CytoNet classifier; the others, e.g. the random-init baseline, are mapped the same way so that
+# section-level metrics compare them). One process per section reads the section and imports torch once.
+# `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
 MAP_MODELS = config["infer"]["models"]
 
 
@@ -12,12 +13,14 @@ rule infer:
     input:
         image=section_image,
         mask=f"{R}/masks/{{brain}}/{{section}}.png",
-        classifier=f"{R}/finetune/{{model}}/seed{SEEDS[0]}/classifier.pt",
+        classifiers=[f"{R}/finetune/{m}/seed{SEEDS[0]}/classifier.pt" for m in MAP_MODELS],
         areas=areas_table(),
     output:
-        manifest=f"{R}/maps/{{model}}/{{brain}}/{{section}}_infer.json",
+        manifests=[f"{R}/maps/{m}/{{brain}}/{{section}}_infer.json" for m in MAP_MODELS],
     params:
-        out=f"{R}/maps/{{model}}/{{brain}}",
+        models=lambda wc, input: " ".join(
+            f"--classifier {c} --out {R}/maps/{m}/{wc.brain}" for m, c in zip(MAP_MODELS, input.classifiers)
+        ),
         pixel_size=pixel_size_option,
         output_um=config["infer"]["output_um"],
         uncertain=config["infer"]["uncertain_below"],
@@ -27,10 +30,10 @@ rule infer:
         code=fingerprint("infer", "mapio", "models", "readers", "finetune"),
     threads: config["threads"]["infer"]
     log:
-        f"{R}/logs/infer/{{model}}/{{brain}}/{{section}}.log",
+        f"{R}/logs/infer/{{brain}}/{{section}}.log",
     shell:
-        "cytonet infer --image {input.image} --mask {input.mask} --classifier {input.classifier}"
-        " --areas {input.areas} --out {params.out} --name {wildcards.section} {params.pixel_size}"
+        "cytonet infer --image {input.image} --mask {input.mask} {params.models}"
+        " --areas {input.areas} --name {wildcards.section} {params.pixel_size}"
         " --output-um {params.output_um} --uncertain-below {params.uncertain} --tile-px {params.tile}"
         " --mode {params.mode} {params.halo} --threads {threads} --no-progress > {log} 2>&1"
 

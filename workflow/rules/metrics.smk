@@ -7,25 +7,26 @@ def all_section_metrics() -> list[str]:
     return [f"{R}/metrics/{m}/{b}/{s}.json" for m in METRIC_MODELS for b in BRAINS for s in sections_of(b)]
 
 
+# One job per section scores every model's map of it (one process reads the ground truth and imports once).
 rule section_metrics:
-    wildcard_constraints:
-        model="|".join(METRIC_MODELS),
     input:
-        maps=f"{R}/maps/{{model}}/{{brain}}/{{section}}_infer.json",
+        maps=[f"{R}/maps/{m}/{{brain}}/{{section}}_infer.json" for m in METRIC_MODELS],
         brains=brains_table(),
     output:
-        csv=f"{R}/metrics/{{model}}/{{brain}}/{{section}}.csv",
-        json=f"{R}/metrics/{{model}}/{{brain}}/{{section}}.json",
+        csv=[f"{R}/metrics/{m}/{{brain}}/{{section}}.csv" for m in METRIC_MODELS],
+        json=[f"{R}/metrics/{m}/{{brain}}/{{section}}.json" for m in METRIC_MODELS],
     params:
-        pred=f"{R}/maps/{{model}}/{{brain}}",
+        models=lambda wc, output: " ".join(
+            f"--model {m} --pred {R}/maps/{m}/{wc.brain} --out-csv {c} --out-json {j}"
+            for m, c, j in zip(METRIC_MODELS, output.csv, output.json)
+        ),
         thickness=config["section_thickness_um"],
         code=fingerprint("section_metrics", "tables"),
     log:
-        f"{R}/logs/section_metrics/{{model}}/{{brain}}/{{section}}.log",
+        f"{R}/logs/section_metrics/{{brain}}/{{section}}.log",
     shell:
         "cytonet section-metrics --brains {input.brains} --brain {wildcards.brain} --section {wildcards.section}"
-        " --pred {params.pred} --out-csv {output.csv} --out-json {output.json} --model {wildcards.model}"
-        " --section-thickness-um {params.thickness} > {log} 2>&1"
+        " {params.models} --section-thickness-um {params.thickness} > {log} 2>&1"
 
 
 rule aggregate:
