@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bench_pretrain.py --quick    # < 1 min: small @ 64 px, ResNet-50 @ 256 px
 
 Numbers are pairs/s (one sample = one anchor + partner = 2 patches through the network). "loader" is the
-DataLoader alone (zarr chunk reads + KD-tree partner + 2 augmentations, `--workers` processes), "step" is
+DataLoader alone (KD-tree partner + 2 augmentations, `--workers` processes) with the store decoded into memory
+(what PatchStores does for stores under 1 GiB), "chunk reads" the same with one zarr chunk read per patch (the
+baseline, and what big stores still do), "step" is
 forward+backward+AdamW on ready tensors, "e2e" is `pretrain()` itself; the smaller of loader and step bounds a run.
 """
 
@@ -33,9 +35,9 @@ from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, co
 from cytonet.pretrain import pretrain, spatial_nce_loss  # noqa: E402
 
 
-def loader_rate(store: Path, batch: int, workers: int, n_batches: int) -> float:
-    """Pairs/s of the data pipeline alone."""
-    ds = SpatialPairDataset(PatchStores([store]), radius_mm=0.6)
+def loader_rate(store: Path, batch: int, workers: int, n_batches: int, cache_mb: float | None = None) -> float:
+    """Pairs/s of the data pipeline alone (cache_mb=0: one zarr chunk read per patch)."""
+    ds = SpatialPairDataset(PatchStores([store], cache_mb=cache_mb), radius_mm=0.6)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=AnchorSampler(len(ds), batch * (n_batches + 1)),
                                          collate_fn=collate_pairs, num_workers=workers, drop_last=True,
                                          persistent_workers=False)
@@ -101,12 +103,14 @@ def main() -> int:
         for enc, px, batch, n_steps, n_load, n_e2e in cases:
             store = make_store(Path(tmp) / f"s{px}", "b1", n_sections=2, grid=6, patch_px=px, seed=0)
             ld = loader_rate(store, batch, args.workers, n_load)
+            ld_chunks = loader_rate(store, batch, args.workers, n_load, cache_mb=0)
             if n_steps:
                 st = step_rate(enc, px, batch, n_steps)
                 measured[enc] = (px, st)
             else:
                 st = measured[enc][1] * (measured[enc][0] / px) ** 2
             row = {"encoder": enc, "patch_px": px, "batch": batch, "loader_pairs_per_s": round(ld, 2),
+                   "loader_chunk_reads_pairs_per_s": round(ld_chunks, 2),
                    "step_pairs_per_s": round(st, 4), "step_measured": bool(n_steps),
                    "bound": "loader" if ld < st else "compute"}
             if n_e2e:
@@ -116,10 +120,12 @@ def main() -> int:
     info = {"load_avg_1m": round(os.getloadavg()[0], 2), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
             "workers": args.workers, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "results": results}
-    print(f"\n{'encoder':10} {'px':>5} {'batch':>5} {'loader pairs/s':>15} {'step pairs/s':>13} {'e2e pairs/s':>12} bound")
+    print(f"\n{'encoder':10} {'px':>5} {'batch':>5} {'loader pairs/s':>15} {'chunk reads':>12} {'step pairs/s':>13} "
+          f"{'e2e pairs/s':>12} bound")
     for r in results:
         e2e = r.get("e2e", {}).get("pairs_per_s", "-")
         print(f"{r['encoder']:10} {r['patch_px']:>5} {r['batch']:>5} {r['loader_pairs_per_s']:>15} "
+              f"{r['loader_chunk_reads_pairs_per_s']:>12} "
               f"{r['step_pairs_per_s']:>13}{'' if r['step_measured'] else '*'} {e2e:>12} {r['bound']}")
     print(f"({info['date']}, {info['machine']}, {info['cores']} cores, {args.threads} torch threads, "
           f"{args.workers} loader workers, CUDA={info['cuda']}, load average {info['load_avg_1m']}; "

@@ -20,7 +20,8 @@ confusion counts and where the maps are). Outputs in ``--out`` (every file writt
 - ``maps_index.csv`` / ``.md``: model, brain, section, role, z_um, zarr, areas_png, overlay_png, entropy_tif,
   macro_f1; the paths are relative to ``--out``, so the results folder can move as a whole.
 - ``montage_<brain>.png``: the overlays of all sections of the brain in z order (of the ``--montage-model``), titled
-  with the section id (and macro-F1), with a colour legend of the areas; at most ``--montage-width`` px wide.
+  with the section id (and macro-F1 of the map and of the most probable areas), with a colour legend of the
+  areas; at most ``--montage-width`` px wide.
 """
 
 from __future__ import annotations
@@ -313,6 +314,8 @@ def write_montage(path: str | os.PathLike, summaries: Sequence[dict], *, max_wid
         label = str(s["section"])
         if s.get("status") == STATUS_OK and s.get("macro_f1") is not None:
             label += f"  F1 {s['macro_f1']:.2f}"
+            if s.get("macro_f1_argmax") is not None:
+                label += f" (argmax {s['macro_f1_argmax']:.2f})"
         fig.text((c + 0.5) / ncols, top - r * cell_h - 2 / height, label, ha="center", va="top",
                  fontsize=max(6, min(11, panel_px / 28)))
     handles = [Patch(facecolor=colours.get(a, "#000000"), edgecolor="k", label=nm) for a, nm in names.items()]
