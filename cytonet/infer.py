@@ -97,6 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cytonet.atomic import atomic_write_text
 from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy, publish,
                             thumbnail, write_entropy_tif, write_label_png, write_overlay)
 
@@ -625,9 +626,7 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
                 "areas": [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)],
                 "ngff_version": NGFF_VERSION, "device": str(dev), "seconds": round(seconds, 3),
                 "outputs": {k: v.name for k, v in final.items()}}
-        mtmp = tmp / manifest.name
-        mtmp.write_text(json.dumps(info, indent=2))
-        os.replace(mtmp, manifest)
+        atomic_write_text(manifest, json.dumps(info, indent=2))  # last: it vouches for the outputs above
         final["manifest"] = manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

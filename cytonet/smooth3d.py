@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from cytonet.atomic import atomic_write_text
 from cytonet.transforms import SectionTransform
 
 MIN_SAMPLE_WEIGHT = 0.5  # a bilinear sample needs half its weight inside the neighbour's tissue
@@ -225,9 +226,7 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
                      "areas": [{"area_id": i, "name": n, "color": col} for i, n, col in zip(ids, names, colours)],
                      "ngff_version": NGFF_VERSION, "outputs": {k: v.name for k, v in final.items()}})
         info.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        mtmp = tmp / mpath.name
-        mtmp.write_text(json.dumps(info, indent=2))
-        os.replace(mtmp, mpath)
+        atomic_write_text(mpath, json.dumps(info, indent=2))  # last: it vouches for the outputs above
         final["manifest"] = mpath
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
