@@ -188,6 +188,8 @@ def test_big_section_tiling(tmp_path: Path) -> None:
     from cytonet.synth import write_big_section
 
     path = write_big_section(tmp_path / "big.ome.tif", 4096, pixel_size_um=4.0, seed=1)
+    # written under a temporary name and renamed; the spilled pyramid levels are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.ome.tif", "big_tissue_ds16.png"]
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
         assert page.shape == (4096, 4096) and page.is_tiled and page.compression == 8

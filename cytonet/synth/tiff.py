@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from cytonet.atomic import atomic_path
+
 MIN_LEVEL_PX = 512
 # Streaming writes: rows of tiles per band read back from a spilled level, and bytes tifffile compresses at once
 # (its default, 256 MB, made the 40k section's writer hold ~0.5 GB of compressed tiles).
@@ -79,7 +81,9 @@ def write_pyramid_tiled(path: str | Path, shape: tuple[int, int], strips: Iterat
     path = Path(path)
     n = n_sublevels(shape)
     kw = dict(maxworkers=2, buffersize=BUFFER_BYTES, **_kw(tile))
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as tmp:
+    # the TIFF goes to a temporary name first: a killed run leaves no file that looks like a complete section
+    with atomic_path(path, suffix=".ome.tif") as part, \
+            tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as tmp:
 
         def spill(bands: Iterator[np.ndarray], shape: tuple[int, int], level: int) -> Iterator[np.ndarray]:
             """Yield the tiles of ``bands`` while writing their 2×2 mean into the memory map of ``level``."""
@@ -102,7 +106,7 @@ def write_pyramid_tiled(path: str | Path, shape: tuple[int, int], strips: Iterat
             for y in range(0, a.shape[0], BAND_TILES * tile):
                 yield np.asarray(a[y:y + BAND_TILES * tile])
 
-        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        with tifffile.TiffWriter(part, bigtiff=True, ome=True) as tw:
             tw.write(spill(strips, shape, 1), shape=shape, dtype=np.uint8, subifds=n,
                      metadata=_meta(pixel_size_um), resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um),
                      resolutionunit="CENTIMETER", **kw)
