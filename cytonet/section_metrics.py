@@ -94,7 +94,7 @@ class Prediction:
     manifest: dict
     pred_dir: Path
     name: str
-    top: np.ndarray | None = None  # (gh, gw) most probable area id inside tissue, 0 outside (None: no OME-Zarr)
+    zarr: Path | None = None    # infer's OME-Zarr probabilities, for the argmax metrics (None: not written)
 
 
 def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
@@ -108,16 +108,14 @@ def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
     if not png.is_file():
         raise MetricsError(f"section {name}: area map {png} not found")
     labels = _read_label_image(png)
-    areas = list(manifest.get("areas", []))
+    zarr = pred_dir / manifest.get("outputs", {}).get("zarr", f"{name}.ome.zarr")
     return Prediction(labels, int(manifest.get("uncertain_value", 255)), float(manifest["output_um"]),
-                      float(manifest["image_pixel_size_um"]), areas, manifest, pred_dir, name,
-                      _most_probable(pred_dir / manifest.get("outputs", {}).get("zarr", f"{name}.ome.zarr"), areas))
+                      float(manifest["image_pixel_size_um"]), list(manifest.get("areas", [])), manifest, pred_dir,
+                      name, zarr if zarr.is_dir() else None)
 
 
-def _most_probable(zarr_path: Path, areas: list[dict]) -> np.ndarray | None:
+def _most_probable(zarr_path: Path, areas: list[dict]) -> np.ndarray:
     """Most probable area id per cell of the full-resolution level of infer's probabilities (0 outside tissue)."""
-    if not zarr_path.is_dir() or not areas:
-        return None
     import zarr
 
     probs = np.asarray(zarr.open_group(str(zarr_path), mode="r")["0"][...])  # (areas, gh, gw), NaN outside tissue
@@ -316,8 +314,8 @@ def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, sect
     per = per[CSV_COLUMNS]
     summary.update(status=STATUS_OK, **summ, per_area=per.drop(columns=list(base) + ["status"]).to_dict("records"),
                    confusion=conf)
-    if pred.top is not None:
-        _, top, top_conf = section_scores(truth, pred.top, pred.uncertain)
+    if pred.zarr is not None and pred.areas:
+        _, top, top_conf = section_scores(truth, _most_probable(pred.zarr, pred.areas), pred.uncertain)
         summary.update(macro_f1_argmax=top["macro_f1"], accuracy_argmax=top["accuracy"], confusion_argmax=top_conf)
     return per, summary
 
