@@ -288,8 +288,13 @@ def ground_truth_on_grid(gt_path: str | os.PathLike, pred: Prediction, section: 
 # ---------------------------------------------------------------------------------------------------- section
 def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, section: str, role: str,
                      ground_truth: str | None, image: str | None = None, pixel_size_um: float | None = None,
-                     z_um: float | None = None, model: str = "cytonet") -> tuple[pd.DataFrame, dict]:
-    """Per-area CSV table and JSON summary of one section (status ``no_ground_truth`` when there is none)."""
+                     z_um: float | None = None, model: str = "cytonet",
+                     truth_cache: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per-area CSV table and JSON summary of one section (status ``no_ground_truth`` when there is none).
+
+    ``truth_cache``: a dict shared by the calls for several models' maps of one section, so the ground truth is
+    read and reduced to the output grid once per grid, not once per model.
+    """
     pred = read_prediction(pred_dir, name)
     base = {"model": model, "brain": brain, "section": section, "role": role}
     summary: dict[str, Any] = {**base, "z_um": z_um, "pred_dir": str(Path(pred_dir).resolve()), "name": name,
@@ -302,7 +307,11 @@ def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, sect
         summary.update(status=STATUS_NO_GT, n_cortex_px=0, accuracy=None, macro_f1=None, coverage=None,
                        macro_f1_argmax=None, accuracy_argmax=None, per_area=[], confusion={}, confusion_argmax={})
         return pd.DataFrame([row], columns=CSV_COLUMNS), summary
-    truth = ground_truth_on_grid(ground_truth, pred, section, _full_res_shape(image, pixel_size_um))
+    key = (str(ground_truth), pred.labels.shape, pred.output_um, pred.image_um, tuple(sorted(names)))
+    cache = truth_cache if truth_cache is not None else {}
+    if key not in cache:
+        cache[key] = ground_truth_on_grid(ground_truth, pred, section, _full_res_shape(image, pixel_size_um))
+    truth = cache[key]
     unknown = sorted(set(int(v) for v in np.unique(truth)) - set(names) - {0})
     if names and unknown:
         raise MetricsError(f"section {section}: ground truth {ground_truth} has area id(s) {unknown} that are not "
@@ -369,9 +378,11 @@ def run(args: argparse.Namespace) -> int:
         gt = None if gt is None or (isinstance(gt, float) and math.isnan(gt)) else str(gt)
         px = row.get("pixel_size_um")
         px = float(px) if px is not None and not pd.isna(px) else None
+        truth_cache: dict = {}
         results = [evaluate_section(pred, args.name or args.section, brain=args.brain, section=args.section,
                                     role=role, ground_truth=gt, image=row.get("image"), pixel_size_um=px,
-                                    z_um=float(row["z_um"]), model=model) for pred, model in zip(args.pred, models)]
+                                    z_um=float(row["z_um"]), model=model, truth_cache=truth_cache)
+                   for pred, model in zip(args.pred, models)]
     except (MetricsError, ValueError) as exc:
         print(f"cytonet section-metrics: error: {exc}", file=sys.stderr)
         return 2

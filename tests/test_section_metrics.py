@@ -149,7 +149,7 @@ def test_cli_section_with_ground_truth(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
 
 
-def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path):
+def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path, monkeypatch):
     """From real map files: an uncertain cell whose most probable area is right counts for the argmax metrics only."""
     from cytonet.smooth3d import write_maps
 
@@ -170,7 +170,11 @@ def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path):
     # several models' maps in one call: a table and summary per model; unpaired options are refused
     two = ["--model", "a", *one_model, "--model", "b", "--pred", str(tmp_path / "pred2"), "--out-csv",
            str(tmp_path / "b.csv"), "--out-json", str(tmp_path / "b.json")]
+    reads = []
+    real = sm.ground_truth_on_grid
+    monkeypatch.setattr(sm, "ground_truth_on_grid", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     assert sm.main(base + two) == 0
+    assert len(reads) == 1  # both models' maps share the grid: the ground truth is read once
     other = json.loads((tmp_path / "b.json").read_text())
     assert other["model"] == "b" and other["accuracy_argmax"] == pytest.approx(2 / 10)  # only two OC cells right
     assert sm.main(base + two[:-2]) == 2

@@ -1,6 +1,7 @@
 # Whole-section inference: one job per section maps it with every model in infer.models ("cytonet" is the
 # seed-0 CytoNet classifier; the others, e.g. the random-init baseline, are mapped the same way so that
-# section-level metrics compare them). One process per section reads the section and imports torch once.
+# section-level metrics compare them). One process per section starts Python and loads torch once for all models
+# (each model still reads the section's tiles itself).
 # `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
 MAP_MODELS = config["infer"]["models"]
 
