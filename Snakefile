@@ -5,7 +5,7 @@
 # The science lives in the `cytonet` package; each rule calls one `cytonet <stage>` command and passes its
 # config section through `params:`, so a changed value reruns exactly the stages that use it.
 
-from cytonet.config import validate_config
+from cytonet.io.config import validate_config
 
 configfile: "config.yaml"
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_infer.py [--quick] [--threads N] [--out benchmarks/out/infer]
 
 Each case runs in its own subprocess so that its peak RSS is its own. Per case:
-- dense: ``cytonet.infer.infer_section`` end to end (reads, trunk, pooling, head, OME-Zarr/PNG writes);
+- dense: ``cytonet.mapping.infer.infer_section`` end to end (reads, trunk, pooling, head, OME-Zarr/PNG writes);
 - naive: the per-window path on a random subset of tissue locations (whole windows through the network, batched),
   extrapolated by the per-location cost to all tissue locations; the subset is also compared with the dense
   probabilities at the same locations (max |Δp|, argmax agreement);
@@ -52,16 +52,16 @@ def make_section(path: Path, size: int) -> tuple[Path, Path]:
 
 
 def build_model(arch: str, S: int, um: float):
-    """Random-init classifier as a DenseModel: 'small' = cytonet.models.SmallResNet, 'resnet50' = torchvision."""
+    """Random-init classifier as a DenseModel: 'small' = cytonet.nn.models.SmallResNet, 'resnet50' = torchvision."""
     import torch
     from torch import nn
 
-    from cytonet import infer
+    from cytonet.mapping import infer as infer
 
     torch.manual_seed(0)
     ids, names = [1, 2, 3, 4], ["A1", "A2", "A3", "A4"]
     if arch == "small":
-        from cytonet.models import SmallResNet
+        from cytonet.nn.models import SmallResNet
 
         bb = SmallResNet()
         m = nn.Module()
@@ -92,7 +92,7 @@ def run_case(spec: dict) -> dict:
     import torch
     import zarr
 
-    from cytonet import infer
+    from cytonet.mapping import infer as infer
 
     torch.set_num_threads(spec["threads"])
     S, T, um = spec["S"], spec["T"], spec["net_um"]
@@ -120,7 +120,7 @@ def run_case(spec: dict) -> dict:
     probs = zarr.open_group(str(r.paths["zarr"]), mode="r")["0"]
 
     # naive on a subset of tissue locations
-    from cytonet.readers import open_section
+    from cytonet.io.readers import open_section
 
     img = open_section(spec["image"]).read(um)
     grid = infer.Grid(H, W, T, S, dm.net_stride, 0)
@@ -210,7 +210,7 @@ def cases(args: argparse.Namespace) -> list[dict]:
          "mask": str(bmask), "tile_px": 4096, "naive_n": 1024},
         {**base, "name": "big-resnet50", "arch": "resnet50", "S": 256, "T": 32, "net_um": 16.0, "image": str(big),
          "mask": str(bmask), "tile_px": 4096, "naive_n": 32},
-        # halo_px=0: tiles carry only the window, not the receptive-field margin (cytonet.infer docstring, 4.)
+        # halo_px=0: tiles carry only the window, not the receptive-field margin (cytonet.mapping.infer docstring, 4.)
         {**base, "name": "demo-resnet50-halo0", "arch": "resnet50", "S": 256, "T": 32, "net_um": 4.0,
          "image": str(demo), "mask": str(dmask), "tile_px": 4096, "naive_n": 32, "halo_px": 0},
         {**base, "name": "big-resnet50-halo0", "arch": "resnet50", "S": 256, "T": 32, "net_um": 16.0,
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in cases(args):
         if args.only and spec["name"] != args.only:
             continue
-        from cytonet.readers import open_section
+        from cytonet.io.readers import open_section
 
         sec = open_section(spec["image"])
         f = sec.pixel_size_um / spec["net_um"]

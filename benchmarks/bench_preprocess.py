@@ -9,7 +9,7 @@ psutil, so the peak RSS covers everything the stage started. Results: a table on
 ``benchmarks/out/bench_preprocess[_quick].json``.
 
 Stages
-  mask      cytonet.mask.mask_image at its default resolution
+  mask      cytonet.preprocess.mask.mask_image at its default resolution
   extract   cytonet patches (sampling + extraction into the sharded Zarr v3 store), LocalCluster of --threads
   naive     the same patch positions, each read on its own with a fresh TIFF open and written as its own chunk
             of a plain Zarr v3 array (benchmarks/naive_extract.py), in a process pool of --threads
@@ -41,13 +41,13 @@ sys.path.insert(0, str(HERE))
 
 
 def stage_mask(a: argparse.Namespace) -> dict:
-    from cytonet.mask import mask_image
+    from cytonet.preprocess.mask import mask_image
 
     work = Path(a.work)
     t0 = time.perf_counter()
     res = mask_image(a.section, work / "masks" / "big.png", section_id="big")
     wall = time.perf_counter() - t0
-    from cytonet.readers import open_section
+    from cytonet.io.readers import open_section
 
     sec = open_section(a.section)
     h, w = sec.levels[res.source_level].shape
@@ -84,8 +84,8 @@ def _positions(a: argparse.Namespace) -> tuple[int, int, np.ndarray]:
     """Level, factor and (y0, x0) level-pixel origins of the patches of the store (same as extraction)."""
     import pandas as pd
 
-    from cytonet.patches import level_and_factor
-    from cytonet.readers import open_section
+    from cytonet.preprocess.patches import level_and_factor
+    from cytonet.io.readers import open_section
 
     sec = open_section(a.section)
     level, f = level_and_factor(sec, a.target_um)

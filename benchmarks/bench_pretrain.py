@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from learning_fixtures import make_store  # noqa: E402
 
-from cytonet.models import build_encoder  # noqa: E402
-from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs  # noqa: E402
-from cytonet.pretrain import pretrain, spatial_nce_loss  # noqa: E402
+from cytonet.nn.models import build_encoder  # noqa: E402
+from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs  # noqa: E402
+from cytonet.learn.pretrain import pretrain, spatial_nce_loss  # noqa: E402
 
 
 def loader_rate(store: Path, batch: int, workers: int, n_batches: int, cache_mb: float | None = None) -> float:

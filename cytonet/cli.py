@@ -12,18 +12,18 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("cytonet.config", "validate a config file and its brain/section/area tables"),
+    "validate": ("cytonet.io.config", "validate a config file and its brain/section/area tables"),
     "make-demo": ("cytonet.synth.cli", "generate the demo brains (or one brain, or a benchmark section)"),
-    "mask": ("cytonet.mask", "compute the tissue mask of an image or a section"),
-    "patches": ("cytonet.patches", "sample and extract patches of one brain into a Zarr store"),
-    "pretrain": ("cytonet.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun/single)"),
-    "finetune": ("cytonet.finetune", "train an area classifier on the labelled patches of the known brains"),
-    "evaluate": ("cytonet.evaluate", "classification metrics of the models on known and unknown brains"),
-    "infer": ("cytonet.infer", "map a whole section: probability, area and entropy maps"),
-    "smooth3d": ("cytonet.smooth3d", "make the area maps of neighbouring sections consistent in 3D"),
-    "section-metrics": ("cytonet.section_metrics", "pixel-level per-area F1/IoU of one section's area map"),
-    "embed": ("cytonet.embed", "UMAP of the pretrained features, area clusters and FA-PB separation"),
-    "aggregate": ("cytonet.aggregate", "per-brain and overall metric tables, maps index and montages"),
+    "mask": ("cytonet.preprocess.mask", "compute the tissue mask of an image or a section"),
+    "patches": ("cytonet.preprocess.patches", "sample and extract patches of one brain into a Zarr store"),
+    "pretrain": ("cytonet.learn.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun/single)"),
+    "finetune": ("cytonet.learn.finetune", "train an area classifier on the labelled patches of the known brains"),
+    "evaluate": ("cytonet.analysis.evaluate", "classification metrics of the models on known and unknown brains"),
+    "infer": ("cytonet.mapping.infer", "map a whole section: probability, area and entropy maps"),
+    "smooth3d": ("cytonet.mapping.smooth3d", "make the area maps of neighbouring sections consistent in 3D"),
+    "section-metrics": ("cytonet.analysis.section_metrics", "pixel-level per-area F1/IoU of one section's area map"),
+    "embed": ("cytonet.analysis.embed", "UMAP of the pretrained features, area clusters and FA-PB separation"),
+    "aggregate": ("cytonet.analysis.aggregate", "per-brain and overall metric tables, maps index and montages"),
 }
 
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
-from cytonet import aggregate as ag
-from cytonet import section_metrics as sm
-from cytonet.smooth3d import write_maps
+from cytonet.analysis import aggregate as ag
+from cytonet.analysis import section_metrics as sm
+from cytonet.mapping.smooth3d import write_maps
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
          {"area_id": 3, "name": "OC", "color": "#4daf4a"}]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cytonet.atomic import atomic_path, atomic_write_text
+from cytonet.io.atomic import atomic_path, atomic_write_text
 
 
 def test_written_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path: Path) -> None:

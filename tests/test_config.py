@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from cytonet.config import ConfigError, load_config, validate_config
+from cytonet.io.config import ConfigError, load_config, validate_config
 
 
 def test_defaults_filled_for_empty_config():

@@ -1,4 +1,4 @@
-"""cytonet.dask_cluster: a LocalCluster sized from threads, and the SLURMCluster a `cluster: slurm` config asks for.
+"""cytonet.preprocess.dask_cluster: a LocalCluster sized from threads, and the SLURMCluster a `cluster: slurm` config asks for.
 
 The SLURMCluster is only constructed and its job script rendered (its scheduler starts in-process); nothing is
 submitted, so these tests need no Slurm.
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cytonet import dask_cluster as DC
+from cytonet.preprocess import dask_cluster as DC
 
 
 def _pre_spawn_env_in_worker() -> dict:

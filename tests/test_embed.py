@@ -15,7 +15,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from learning_fixtures import make_store
 
-from cytonet import embed as E
+from cytonet.analysis import embed as E
 
 
 # ------------------------------------------------------------------------------------------------ sampling

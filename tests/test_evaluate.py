@@ -13,8 +13,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from learning_fixtures import make_store  # noqa: E402
 
-from cytonet.baselines import fit_profile_baseline, predict_profile_baseline, profile_features  # noqa: E402
-from cytonet.evaluate import (_label_lookup, classification_metrics, ground_truth_labels, main,  # noqa: E402
+from cytonet.analysis.baselines import fit_profile_baseline, predict_profile_baseline, profile_features  # noqa: E402
+from cytonet.analysis.evaluate import (_label_lookup, classification_metrics, ground_truth_labels, main,  # noqa: E402
                               split_masks)
 
 GRID = 6  # learning_fixtures patches sit at x_px, y_px = 100 * g + 50; areas are bands along x
@@ -177,7 +177,7 @@ def test_profile_features_rotation_robust() -> None:
 
 # --------------------------------------------------------------------------------------------------- end to end
 def test_cli_end_to_end(world, tmp_path: Path, capsys) -> None:
-    from cytonet.finetune import finetune
+    from cytonet.learn.finetune import finetune
 
     areas = ([1, 2, 3, 4], ["FA", "FB", "PA", "XX"])
     cks = []

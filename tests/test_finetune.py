@@ -13,8 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from learning_fixtures import make_store  # noqa: E402
 
-from cytonet.finetune import balanced_sampler, finetune, predict, split_by_section, training_rows  # noqa: E402
-from cytonet.patchdata import PatchStores  # noqa: E402
+from cytonet.learn.finetune import balanced_sampler, finetune, training_rows
+from cytonet.nn.checkpoints import predict
+from cytonet.nn.data import split_by_section  # noqa: E402
+from cytonet.nn.data import PatchStores  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_linear_probe_and_predict(stores, tmp_path: Path) -> None:
 
 
 def test_full_finetune_from_pretrained(stores, tmp_path: Path) -> None:
-    from cytonet.pretrain import pretrain
+    from cytonet.learn.pretrain import pretrain
 
     pretrain([stores["known"], stores["unknown"]], tmp_path / "pt",  # pretraining may use unknown brains
              {"steps": 3, "batch_size": 8, "num_workers": 0, "radius_mm": 0.6}, progress=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cytonet import fingerprint as fp
+from cytonet.io import fingerprint as fp
 
 
 def test_fingerprint_tracks_module_text(tmp_path, monkeypatch):

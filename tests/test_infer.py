@@ -1,4 +1,4 @@
-"""Whole-section inference: dense vs naive agreement, outputs, streaming, bad input (cytonet.infer)."""
+"""Whole-section inference: dense vs naive agreement, outputs, streaming, bad input (cytonet.mapping.infer)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from cytonet import infer
+from cytonet.mapping import infer as infer
 
 PX_UM = 2.0       # section pixel size = network resolution in these tests
 S = 64            # window
@@ -41,7 +41,7 @@ def synth_section(h: int = 448, w: int = 1536, seed: int = 0) -> tuple[np.ndarra
 
 def tiny_model(image: np.ndarray, area: np.ndarray, steps: int = 60, seed: int = 0, S: int = S,
                arch: str = "cnn") -> infer.DenseModel:
-    """Small ResNet (cytonet.models) + linear head, trained a few steps on windows of the synthetic areas.
+    """Small ResNet (cytonet.nn.models) + linear head, trained a few steps on windows of the synthetic areas.
 
     Random init gives near-uniform probabilities whose argmax flips on tiny perturbations; a few training steps
     make the classes separable so that argmax agreement measures the dense/naive difference, not noise.
@@ -50,7 +50,7 @@ def tiny_model(image: np.ndarray, area: np.ndarray, steps: int = 60, seed: int =
     rng = np.random.default_rng(seed)
     model = nn.Module()
     if arch == "resnet":
-        from cytonet.models import SmallResNet
+        from cytonet.nn.models import SmallResNet
 
         model.trunk, model.net_stride = infer._split_backbone(SmallResNet(widths=(8, 16, 32, 32)))
     else:  # plain CNN, 4 stride-2 3x3 convs: net stride 16, receptive-field margin 15 px
@@ -334,8 +334,8 @@ def test_bad_inputs_name_the_file(tmp_path, section, model):
 
 def test_finetune_checkpoint(tmp_path, section):
     """A finetune classifier.pt (format cytonet-classifier/1) loads as a DenseModel and matches its forward."""
-    from cytonet.finetune import Classifier
-    from cytonet.models import build_encoder, normalize_uint8
+    from cytonet.nn.checkpoints import Classifier
+    from cytonet.nn.models import build_encoder, normalize_uint8
 
     torch.manual_seed(0)
     enc = build_encoder("small", 16)

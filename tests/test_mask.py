@@ -1,4 +1,4 @@
-"""Tests of cytonet.mask: synthetic truth, real sections from ../shared/data, the CLI, empty sections."""
+"""Tests of cytonet.preprocess.mask: synthetic truth, real sections from ../shared/data, the CLI, empty sections."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import ndimage
 
 from cytonet.cli import main as cli_main
-from cytonet.mask import EmptySectionError, compute_mask, mask_image
-from cytonet.readers import open_section
+from cytonet.preprocess.mask import EmptySectionError, compute_mask, mask_image
+from cytonet.io.readers import open_section
 
 from test_readers import write_pyramid_tiff
 

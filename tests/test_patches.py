@@ -1,4 +1,4 @@
-"""Patch sampling, extraction into the Zarr v3 patch store, bad input, kill-and-rerun (cytonet.patches)."""
+"""Patch sampling, extraction into the Zarr v3 patch store, bad input, kill-and-rerun (cytonet.preprocess.patches)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import tifffile
 import zarr
 from PIL import Image
 
-from cytonet import patches as P
-from cytonet.transforms import SectionTransform
+from cytonet.preprocess import patches as P
+from cytonet.io.transforms import SectionTransform
 
 PX0 = 2.0  # full-res µm/px of the test sections
 H0, W0 = 1024, 1280
@@ -96,7 +96,7 @@ def make_brain(root: Path, n_sections: int = 2, annotate: tuple[int, ...] = (0,)
 
 def load(d: dict):
     """Sections and areas tables built by hand (absolute paths, None where absent), as load_sections returns them."""
-    from cytonet.tables import load_areas
+    from cytonet.io.tables import load_areas
 
     sec = pd.read_csv(d["root"] / "sections.csv", dtype=str, keep_default_na=False)
     sec["image"] = [str(d["root"] / v) for v in sec["image"]]
@@ -411,7 +411,7 @@ def test_bad_input_skip_writes_qc(tmp_path, kind):
 def test_decode_error_during_extraction_is_skipped(tmp_path, monkeypatch):
     """A tile that fails only when decoded (after sampling) drops the section and rebuilds the store."""
     d = make_brain(tmp_path / "de", n_sections=2, annotate=(), brain="de")
-    from cytonet import readers
+    from cytonet.io import readers as readers
 
     real = readers.open_section
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from learning_fixtures import make_store  # noqa: E402
 
-from cytonet import distributed as cdist  # noqa: E402
-from cytonet.pretrain import (negative_weights, pretrain, spatial_nce_logits, spatial_nce_loss,  # noqa: E402
+from cytonet.nn import distributed as cdist  # noqa: E402
+from cytonet.learn.pretrain import (negative_weights, pretrain, spatial_nce_logits, spatial_nce_loss,  # noqa: E402
                               validate_config, weighted_info_nce)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_ddp_two_ranks_gloo(store: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- kill and resume
 def _cmd(store: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "cytonet.pretrain", "--store", str(store), "--out", str(out), "--no-progress",
+    return [sys.executable, "-m", "cytonet.learn.pretrain", "--store", str(store), "--out", str(out), "--no-progress",
             "--param", f"steps={steps}", "--param", "batch_size=4", "--param", "checkpoint_every=5",
             "--param", "num_workers=0", "--param", "radius_mm=0.6", "--threads", "1"]
 
@@ -182,7 +182,7 @@ def test_fresh_run_starts_at_step_zero(store: Path, tmp_path: Path) -> None:
 def _cohens_d(model, store: Path, radius: float) -> tuple[float, float, float]:
     from scipy.spatial import cKDTree
 
-    from cytonet.patchdata import PatchStores, plain
+    from cytonet.nn.data import PatchStores, plain
 
     st = PatchStores([store])
     x = torch.stack([plain(st.read(i)) for i in range(len(st))])
@@ -199,8 +199,8 @@ def _cohens_d(model, store: Path, radius: float) -> tuple[float, float, float]:
 
 
 def test_loss_decreases_and_close_patches_embed_closer(store: Path, tmp_path: Path) -> None:
-    from cytonet.models import build_encoder
-    from cytonet.pretrain import load_encoder
+    from cytonet.nn.models import build_encoder
+    from cytonet.nn.checkpoints import load_encoder
 
     pretrain([store], tmp_path, {"steps": 80, "batch_size": 32, "lr": 3e-3, "radius_mm": 0.6, "temperature": 0.2,
                                  "num_workers": 1, "checkpoint_every": 1000, "threads": 1}, progress=False)

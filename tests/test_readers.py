@@ -1,4 +1,4 @@
-"""Tests of cytonet.readers: formats, pixel size, level choice, anti-aliased lazy reads, bad input."""
+"""Tests of cytonet.io.readers: formats, pixel size, level choice, anti-aliased lazy reads, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cytonet.readers import Level, SectionReadError, open_section, to_stain
+from cytonet.io.readers import Level, SectionReadError, open_section, to_stain
 
 
 def write_pyramid_tiff(path: Path, img: np.ndarray, px_um: float | None = 0.5, levels: int = 3, ome: bool = True,

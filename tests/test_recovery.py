@@ -20,7 +20,7 @@ STORES = ["results/patches/demo1/manifest.json", "results/patches/demo2/manifest
 
 
 def test_kill_during_patch_extraction_then_rerun(tmp_path):
-    from cytonet.patches import validate_store
+    from cytonet.preprocess.patches import validate_store
 
     work = make_workdir(tmp_path / "work", tiny_config(patches={"count": 400}))
     proc = start_snakemake(work, *STORES)

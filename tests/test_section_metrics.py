@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
-from cytonet import section_metrics as sm
+from cytonet.analysis import section_metrics as sm
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
          {"area_id": 3, "name": "OC", "color": "#4daf4a"}]
@@ -151,7 +151,7 @@ def test_cli_section_with_ground_truth(tmp_path):
 
 def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path, monkeypatch):
     """From real map files: an uncertain cell whose most probable area is right counts for the argmax metrics only."""
-    from cytonet.smooth3d import write_maps
+    from cytonet.mapping.smooth3d import write_maps
 
     coarse = np.array([[0, 1, 1, 2], [1, 1, 2, 2], [0, 3, 3, 3]], np.uint8)
     Image.fromarray(np.kron(coarse, np.ones((8, 8), np.uint8))).save(tmp_path / "gt.png")

@@ -121,7 +121,7 @@ def test_runtime_grows_with_attempt(tmp_path):
 
 
 def test_jureca_config_validates():
-    from cytonet.config import validate_config
+    from cytonet.io.config import validate_config
 
     cfg = validate_config(yaml.safe_load((REPO / "config" / "jureca.yaml").read_text()))
     assert cfg["patches"]["patch_px"] == 2048 and cfg["patches"]["pixel_size_um"] == 2

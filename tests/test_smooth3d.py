@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytonet import smooth3d as s3
-from cytonet.transforms import SectionTransform
+from cytonet.mapping import smooth3d as s3
+from cytonet.io.transforms import SectionTransform
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
          {"area_id": 3, "name": "OC", "color": "#4daf4a"}]
@@ -116,7 +116,7 @@ def test_section_without_neighbours_is_unchanged():
 
 
 def test_cli_round_trip_in_infer_formats(tmp_path):
-    from cytonet.section_metrics import read_prediction
+    from cytonet.analysis.section_metrics import read_prediction
 
     rng = np.random.default_rng(5)
     sections, _ = make_stack(rng, n=3, grid=20)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cytonet.tables import TableError, load_areas, load_brains, load_sections
-from cytonet.transforms import SectionTransform
+from cytonet.io.tables import TableError, load_areas, load_brains, load_sections
+from cytonet.io.transforms import SectionTransform
 
 AFFINE = "0.004 0 0 0  0 0.004 0 0  0 0 0 1.2"
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cytonet import data as packaged_data  # the packaged reference values (its files are in the fingerprint)
+
 #: The demo areas: von Economo name, display colour.  FA | PB are the central-sulcus neighbours, OC is striate.
 AREAS: tuple[tuple[str, str], ...] = (
     ("FB", "#e6a03c"),
@@ -79,7 +81,7 @@ def derive_reference(shared: Path) -> pd.DataFrame:
 
 def load_packaged() -> pd.DataFrame:
     """Read the packaged fallback copy of the reference table."""
-    with resources.files("cytonet.data").joinpath(PACKAGED).open("r") as fh:
+    with resources.files(packaged_data).joinpath(PACKAGED).open("r") as fh:
         return pd.read_csv(fh, comment="#")
 
 

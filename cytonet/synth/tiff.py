@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from cytonet.atomic import atomic_path
+from cytonet.io.atomic import atomic_path
 
 MIN_LEVEL_PX = 512
 # Streaming writes: rows of tiles per band read back from a spilled level, and bytes tifffile compresses at once

@@ -4,8 +4,8 @@ import os
 
 import pandas as pd
 
-from cytonet.fingerprint import fingerprint
-from cytonet.tables import load_all_sections
+from cytonet.io.fingerprint import fingerprint
+from cytonet.io.tables import load_all_sections
 
 wildcard_constraints:
     brain="[A-Za-z0-9_-]+",

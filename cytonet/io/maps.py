@@ -1,6 +1,6 @@
 """Writing area maps: OME-NGFF probability pyramids, label and entropy images, overlays (torch-free).
 
-Shared by whole-section inference (:mod:`cytonet.infer`) and 3D smoothing (:mod:`cytonet.smooth3d`), so every
+Shared by whole-section inference (:mod:`cytonet.mapping.infer`) and 3D smoothing (:mod:`cytonet.mapping.smooth3d`), so every
 set of maps has the same files and metadata. See docs/contracts.md ("Maps").
 """
 
@@ -172,7 +172,7 @@ def write_entropy_tif(path: Path, entropy: np.ndarray, output_um: float) -> Path
 
 def thumbnail(img: Any, net_um: float, output_um: float, image_um: float, max_side: int = 2048) -> np.ndarray:
     """Grey thumbnail: at least 4 px per output cell where that stays under max_side px."""
-    from cytonet.readers import Section
+    from cytonet.io.readers import Section
 
     if isinstance(img, Section):
         H, W = img.levels[0].shape
@@ -238,3 +238,87 @@ def publish(paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
         os.replace(src, dst)
         final[key] = dst
     return final
+
+
+# ------------------------------------------------------------------------------------------- one section's maps
+def label_encoding(area_ids: list[int]) -> tuple[Any, int]:
+    """(label dtype, "uncertain" value): uint8/255 when every area id fits below 255, else uint16/65535."""
+    return (np.uint8, UNCERTAIN_U8) if max(area_ids) < UNCERTAIN_U8 else (np.uint16, UNCERTAIN_U16)
+
+
+class SectionMapWriter:
+    """The maps of one section, written block by block into a temp folder and published whole.
+
+    Per block, :meth:`write` turns probabilities into the area label (most probable area; "uncertain" below
+    ``uncertain_below``) and the normalised entropy. :meth:`finish` builds the pyramids, writes the area PNG, the
+    entropy TIFF and the overlay, moves everything into ``out_dir`` and writes ``<name>_infer.json`` last: only a
+    manifest vouches for a complete set of maps. Used as a context manager, a failure leaves no partial output.
+    """
+
+    def __init__(self, out_dir: str | Path, name: str, grid_shape: tuple[int, int], areas: list[dict],
+                 uncertain_below: float, chunk: int, tag: str) -> None:
+        import os
+        import shutil
+
+        self.out_dir, self.name, self.grid_shape = Path(out_dir), name, tuple(grid_shape)
+        self.ids = [int(a["area_id"]) for a in areas]
+        self.names = [str(a["name"]) for a in areas]
+        self.colours = [str(a["color"]) for a in areas]
+        self.uncertain_below = float(uncertain_below)
+        self.label_dtype, self.uncertain = label_encoding(self.ids)
+        self.n_tissue = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = self.out_dir / f"{name}_infer.json"
+        self.manifest.unlink(missing_ok=True)  # an old manifest must not vouch for outputs about to be replaced
+        self.tmp = self.out_dir / f".{name}.{tag}-tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.zarr = self.tmp / f"{name}.ome.zarr"
+        self.store = NgffWriter(self.zarr, self.grid_shape, len(self.ids), chunk, self.label_dtype)
+
+    def __enter__(self) -> "SectionMapWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write(self, i0: int, j0: int, p: np.ndarray, tissue: np.ndarray) -> None:
+        """Probabilities ``p`` (h, w, areas) of the block at cell (i0, j0); cells outside ``tissue`` get NaN."""
+        p = np.where(tissue[..., None], p, np.nan)
+        top = np.nanmax(np.where(tissue[..., None], p, 0.0), axis=-1)
+        lab = np.where(tissue, np.asarray(self.ids)[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0)
+        lab = lab.astype(self.label_dtype)
+        lab[tissue & (top < self.uncertain_below)] = self.uncertain
+        ent = np.where(tissue, normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
+        self.store.write(i0, j0, np.moveaxis(p, -1, 0).astype(np.float32), lab, ent)
+        self.n_tissue += int(tissue.sum())
+
+    def finish(self, output_um: float, image_um: float, pyramid_levels: int, thumb: np.ndarray | None,
+               info: dict[str, Any]) -> dict[str, Path]:
+        """Pyramids, PNG/TIFF/overlay (none without ``thumb``), publish, then the manifest with ``info`` in it."""
+        import json
+
+        from cytonet.io.atomic import atomic_write_text
+
+        self.store.finish(output_um, image_um, pyramid_levels, self.names, self.colours, self.ids, self.uncertain)
+        labels = self.store.labels0()
+        paths = {"zarr": self.zarr,
+                 "areas_png": write_label_png(self.tmp / f"{self.name}_areas.png", labels, self.ids, self.colours,
+                                              self.uncertain),
+                 "entropy_tif": write_entropy_tif(self.tmp / f"{self.name}_entropy.tif", self.store.entropy0(),
+                                                  output_um)}
+        if thumb is not None:
+            paths["overlay_png"] = write_overlay(self.tmp / f"{self.name}_overlay.png", thumb, labels, self.ids,
+                                                 self.names, self.colours, self.uncertain)
+        final = publish(paths, self.out_dir)
+        manifest = {"section": self.name, **info, "output_um": output_um, "image_pixel_size_um": image_um,
+                    "grid_shape": list(self.grid_shape), "n_tissue_locations": self.n_tissue,
+                    "uncertain_below": self.uncertain_below, "uncertain_value": int(self.uncertain),
+                    "areas": [{"area_id": i, "name": n, "color": c}
+                              for i, n, c in zip(self.ids, self.names, self.colours)],
+                    "ngff_version": NGFF_VERSION, "outputs": {k: v.name for k, v in final.items()}}
+        atomic_write_text(self.manifest, json.dumps(manifest, indent=2))  # last: it vouches for the outputs above
+        final["manifest"] = self.manifest
+        return final

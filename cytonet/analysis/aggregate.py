@@ -38,8 +38,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from cytonet.section_metrics import (STATUS_OK, atomic_write_csv, atomic_write_text, scores_from_confusion,
-                                     summary_from_confusion)
+from cytonet.io.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from cytonet.io.metrics import STATUS_OK, scores_from_confusion, summary_from_confusion
 
 METRIC_COLUMNS = ["macro_f1_mean", "accuracy_mean", "coverage_mean", "accuracy_pooled", "macro_f1_pooled",
                   "macro_f1_argmax_pooled"]
@@ -328,15 +328,8 @@ def write_montage(path: str | os.PathLike, summaries: Sequence[dict], *, max_wid
                 metadata={"Software": "cytonet aggregate", "cytonet:panels": str(n),
                           "cytonet:sections": ",".join(str(s["section"]) for s in secs)})
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return n
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from cytonet.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -401,10 +394,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.aggregate ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.analysis.aggregate ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.aggregate", argv)
+    return stage_main("cytonet.analysis.aggregate", argv)
 
 
 if __name__ == "__main__":

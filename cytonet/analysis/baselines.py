@@ -19,7 +19,7 @@ made orientation-robust:
    smoothed stain, structure-tensor coherence (how laminar the patch is) and the fraction of "cell" pixels
    (stain well above the smoothed local background).
 
-Intensities are not standardised per patch: absolute cell density separates areas (as in cytonet.models).
+Intensities are not standardised per patch: absolute cell density separates areas (as in cytonet.nn.models).
 The classifier is ``StandardScaler`` + ``LogisticRegression`` (lbfgs, multinomial, class-balanced weights to
 match the class-balanced sampling of finetuning).
 """
@@ -195,7 +195,7 @@ def save_baseline(model: ProfileBaseline, path: str | Path) -> None:
 
     import joblib
 
-    from cytonet.atomic import atomic_path
+    from cytonet.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         joblib.dump(model, tmp)

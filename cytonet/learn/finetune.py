@@ -3,7 +3,7 @@
 Modes: ``linear`` (frozen encoder, linear head; features computed once when augmentation is off) and ``full``
 (encoder and head trained). Trains only on rows with ``labelled`` and ``area_id > 0`` of *known* brains' stores;
 validation holds out whole sections. Outputs in ``--out``: ``classifier.pt`` (encoder spec + weights + head +
-area list, written atomically), ``finetune_log.csv``, ``split.json``. ``predict()`` serves inference.
+area list, written atomically; see ``cytonet.nn.checkpoints``), ``finetune_log.csv``, ``split.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytonet.params import add_params_arguments, parse_params, with_defaults
-from cytonet.models import autocast, build_encoder, normalize_uint8, prepare_model, to_input
+from cytonet.io.params import add_params_arguments, parse_params, with_defaults
+from cytonet.nn.checkpoints import CLASSIFIER_FORMAT, Classifier, atomic_save, load_encoder
+from cytonet.nn.data import DEFAULT_VAL_FRACTION, split_by_section
+from cytonet.nn.models import autocast, build_encoder, prepare_model, to_input
 
 DEFAULTS: dict[str, Any] = {
     "mode": "linear",          # linear (frozen encoder) | full
@@ -36,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": None,                # None: 1e-2 (linear) / 1e-3 (full)
     "encoder_lr_ratio": None,  # full mode: encoder lr = lr * ratio; None: 0.1 from a checkpoint, 1.0 random init
     "weight_decay": 1e-4,
-    "val_fraction": 0.2,       # fraction of labelled sections held out for validation
+    "val_fraction": DEFAULT_VAL_FRACTION,  # fraction of labelled sections held out for validation
     "balanced": True,          # class-balanced sampling (WeightedRandomSampler)
     "samples_per_epoch": None, # None: number of training rows
     "val_every": 1,            # validate every N epochs and after the last; the scores are only logged
@@ -65,18 +67,6 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class Classifier(nn.Module):
-    """Encoder backbone + linear head over its features."""
-
-    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.feature_dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.features(x))
-
-
 # ----------------------------------------------------------------------------------------------- data choice
 def training_rows(stores: Any, known_brains: set[str] | None = None) -> pd.DataFrame:
     """Rows usable for training: labelled, area_id > 0, from known brains; unknown brains raise ValueError."""
@@ -89,21 +79,6 @@ def training_rows(stores: Any, known_brains: set[str] | None = None) -> pd.DataF
     if not keep.any():
         raise ValueError(f"no labelled rows (labelled and area_id > 0) in {', '.join(map(str, stores.paths))}")
     return t[keep].assign(gidx=np.flatnonzero(keep.to_numpy()))
-
-
-def split_by_section(rows: pd.DataFrame, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, val) holding out whole sections, so no section is in both (honest validation)."""
-    keys = (rows["brain"].astype(str) + "/" + rows["section"].astype(str)).to_numpy()
-    sections = np.unique(keys)
-    rng = np.random.default_rng(seed)
-    n_val = int(round(val_fraction * len(sections)))
-    if val_fraction > 0 and len(sections) >= 2:
-        n_val = min(max(1, n_val), len(sections) - 1)
-    else:
-        n_val = 0
-    val_sections = set(rng.permutation(sections)[:n_val])
-    val = np.array([k in val_sections for k in keys], dtype=bool)
-    return ~val, val
 
 
 def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> torch.utils.data.WeightedRandomSampler:
@@ -123,16 +98,8 @@ def read_areas(path: str | Path) -> tuple[list[int], list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def _atomic_save(obj: Any, path: Path) -> None:
-    from cytonet.pretrain import atomic_save
-
-    atomic_save(obj, path)
-
-
 def _encoder(cfg: dict[str, Any], checkpoint: str | Path | None) -> nn.Module:
     if checkpoint:
-        from cytonet.pretrain import load_encoder
-
         return load_encoder(checkpoint)
     torch.manual_seed(cfg["seed"])
     return build_encoder(cfg["encoder"], cfg["embedding_dim"])
@@ -155,7 +122,7 @@ def finetune(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     """Train a classifier on known brains' labelled patches; write classifier.pt and finetune_log.csv."""
     from torch.utils.data import DataLoader
 
-    from cytonet.patchdata import LabelledPatchDataset, PatchStores
+    from cytonet.nn.data import LabelledPatchDataset, PatchStores
 
     cfg = validate_config(config)
     out = Path(out_dir)
@@ -280,43 +247,13 @@ def finetune(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
             history.append(row)
 
     model = model.cpu()
-    _atomic_save({"format": "cytonet-classifier/1", "spec": encoder.spec(), "encoder": model.encoder.state_dict(),
+    atomic_save({"format": CLASSIFIER_FORMAT, "spec": encoder.spec(), "encoder": model.encoder.state_dict(),
                   "head": model.head.state_dict(), "area_ids": area_ids, "area_names": area_names,
                   "input_px": cfg["input_px"] or data.patch_px, "patch_px": data.patch_px,
                   "pixel_size_um": data.pixel_size_um, "config": cfg,
                   "encoder_checkpoint": str(encoder_checkpoint) if encoder_checkpoint else None,
                   "history": history}, out / "classifier.pt")
     return {"history": history, "n_train": int(train_m.sum()), "n_val": int(val_m.sum()), "area_ids": area_ids}
-
-
-# ---------------------------------------------------------------------------------------------------- inference
-def load_classifier(checkpoint: str | Path | dict, device: str = "cpu") -> tuple[Classifier, dict]:
-    """Rebuild the classifier of classifier.pt; returns (model in eval mode, checkpoint dict)."""
-    ck = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu", weights_only=False)
-    spec = ck["spec"]
-    enc = build_encoder(spec["encoder"], spec["embedding_dim"], spec["proj_hidden"])
-    enc.load_state_dict(ck["encoder"])
-    model = Classifier(enc, len(ck["area_ids"]))
-    model.head.load_state_dict(ck["head"])
-    return prepare_model(model, torch.device(device)).eval(), ck
-
-
-@torch.no_grad()
-def predict(checkpoint: str | Path | dict | tuple, patches: np.ndarray, batch_size: int = 64,
-            device: str = "cpu") -> np.ndarray:
-    """Class probabilities float32 [N, n_areas] (columns in the checkpoint's area_ids order) for uint8 [N,H,W]."""
-    model, ck = checkpoint if isinstance(checkpoint, tuple) else load_classifier(checkpoint, device)
-    dev = next(model.parameters()).device
-    size = ck.get("input_px")
-    out = []
-    for i in range(0, len(patches), batch_size):
-        x = normalize_uint8(torch.as_tensor(np.asarray(patches[i:i + batch_size])))
-        if size and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        with autocast(dev):
-            logits = model(to_input(x, dev)).float()
-        out.append(torch.softmax(logits, dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(ck["area_ids"])), np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -353,10 +290,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.finetune ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.learn.finetune ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.finetune", argv)
+    return stage_main("cytonet.learn.finetune", argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """SpatialNCE self-supervised pretraining: contrastive learning where patches close in 3D are positives.
 
-Runs single-process, under ``torchrun --standalone --nproc-per-node N -m cytonet.pretrain ...``, under ``srun``
-(rank from SLURM_PROCID etc., see cytonet/distributed.py), or ``cytonet pretrain --nproc N`` (local spawn).
+Runs single-process, under ``torchrun --standalone --nproc-per-node N -m cytonet.learn.pretrain ...``, under ``srun``
+(rank from SLURM_PROCID etc., see cytonet/nn/distributed.py), or ``cytonet pretrain --nproc N`` (local spawn).
 Negatives are gathered from all ranks; keys closer than ``radius_mm`` to the query are not negatives.
 Rank 0 writes atomic checkpoints; a restarted run resumes from the newest one in its output folder.
 
@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cytonet.atomic import atomic_path
-from cytonet import distributed as cdist
-from cytonet.params import add_params_arguments, parse_params, with_defaults
-from cytonet.models import autocast, build_encoder, prepare_model, to_input
+from cytonet.nn import distributed as cdist
+from cytonet.io.params import add_params_arguments, parse_params, with_defaults
+from cytonet.nn.checkpoints import ENCODER_FORMAT, atomic_save, list_checkpoints, load_latest_checkpoint
+from cytonet.nn.models import autocast, build_encoder, prepare_model, to_input
 
 # Defaults (documented in the report / docs): every key here may be set with --param key=value or a YAML/JSON file.
 DEFAULTS: dict[str, Any] = {
@@ -69,7 +69,7 @@ LOSSES = ("hard", "weighted")
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Merge with DEFAULTS; raise ValueError naming any unknown key or bad value."""
     out = with_defaults(DEFAULTS, cfg, "pretrain")
-    from cytonet.models import ENCODERS
+    from cytonet.nn.models import ENCODERS
 
     if out["encoder"] not in ENCODERS:
         raise ValueError(f"config key 'encoder': {out['encoder']!r} is not one of {ENCODERS}")
@@ -179,30 +179,7 @@ def spatial_nce_loss(z1: torch.Tensor, z2: torch.Tensor, xyz1: torch.Tensor, xyz
     return weighted_info_nce(parts["logits"], parts["pos"], w), parts
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (never a half-written file)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
-    return sorted((out_dir / "checkpoints").glob("step_*.pt"))
-
-
-def load_latest_checkpoint(out_dir: Path) -> dict | None:
-    """Newest readable checkpoint, or None (a run without one starts at step 0)."""
-    for path in reversed(list_checkpoints(out_dir)):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - an unreadable file must not block resuming from an older one
-            warnings.warn(f"{path}: unreadable checkpoint ({exc}); trying an older one")
-    return None
-
-
+# ---------------------------------------------------------------------------------------------------- seeds
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -262,7 +239,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader
 
-    from cytonet.patchdata import AnchorSampler, PatchStores, SpatialPairDataset, augment_views, collate_pairs
+    from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, augment_views, collate_pairs
 
     cfg = validate_config(config)
     out = Path(out_dir)
@@ -418,7 +395,7 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
         fh.close()
         if tb is not None:
             tb.close()
-        atomic_save({"format": "cytonet-encoder/1", "spec": model.spec(), "state_dict": model.state_dict(),
+        atomic_save({"format": ENCODER_FORMAT, "spec": model.spec(), "state_dict": model.state_dict(),
                      "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px,
                      "pixel_size_um": data.pixel_size_um, "config": cfg,
                      "step": step, "stores": [str(s) for s in stores]}, out / "encoder.pt")
@@ -433,15 +410,6 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     if return_model:
         result["model"] = model
     return result
-
-
-def load_encoder(path: str | Path, map_location: str = "cpu") -> "torch.nn.Module":
-    """Rebuild the encoder saved in encoder.pt (or a pretraining checkpoint)."""
-    ck = torch.load(path, map_location=map_location, weights_only=False)
-    spec = ck["spec"]
-    model = build_encoder(spec["encoder"], spec["embedding_dim"], spec["proj_hidden"])
-    model.load_state_dict(ck.get("state_dict", ck.get("model")))
-    return model
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -477,10 +445,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.pretrain ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.learn.pretrain ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.pretrain", argv)
+    return stage_main("cytonet.learn.pretrain", argv)
 
 
 if __name__ == "__main__":

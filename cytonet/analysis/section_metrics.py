@@ -47,38 +47,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytonet.atomic import atomic_write_text
+from cytonet.io.annotations import AnnotationError, labels_to_grid, load_labels, read_image
+from cytonet.io.atomic import atomic_write_csv, atomic_write_json
+from cytonet.io.metrics import STATUS_NO_GT, STATUS_OK, confusion_counts, scores_from_confusion, summary_from_confusion
 
-STATUS_OK = "ok"
-STATUS_NO_GT = "no_ground_truth"
 CSV_COLUMNS = ["model", "brain", "section", "role", "status", "area_id", "area", "f1", "iou", "n_px", "tp", "fp", "fn"]
 
 
 class MetricsError(ValueError):
     """Bad input to section metrics; the message names the file or section."""
-
-
-# ----------------------------------------------------------------------------------------------- atomic writes
-def atomic_write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
-    """DataFrame -> CSV, atomically."""
-    return atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """JSON (NaN written as null), atomically."""
-    return atomic_write_text(path, json.dumps(_json_clean(data), indent=2) + "\n")
-
-
-def _json_clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_clean(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    return x
 
 
 # ------------------------------------------------------------------------------------------------- prediction
@@ -107,7 +84,7 @@ def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
     png = pred_dir / manifest.get("outputs", {}).get("areas_png", f"{name}_areas.png")
     if not png.is_file():
         raise MetricsError(f"section {name}: area map {png} not found")
-    labels = _read_label_image(png)
+    labels = read_image(png)
     zarr = pred_dir / manifest.get("outputs", {}).get("zarr", f"{name}.ome.zarr")
     return Prediction(labels, int(manifest.get("uncertain_value", 255)), float(manifest["output_um"]),
                       float(manifest["image_pixel_size_um"]), list(manifest.get("areas", [])), manifest, pred_dir,
@@ -124,106 +101,7 @@ def _most_probable(zarr_path: Path, areas: list[dict]) -> np.ndarray:
     return np.where(inside, ids[np.argmax(np.nan_to_num(probs, nan=-1.0), axis=0)], 0)
 
 
-def _read_label_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        # palette PNG: the indices are the area ids (do not convert to RGB)
-        return np.asarray(im)
-
-
-# ---------------------------------------------------------------------------------------------- resampling
-def labels_to_grid(gt: np.ndarray, grid_shape: tuple[int, int], cell_px: float,
-                   gt_factor: tuple[float, float] = (1.0, 1.0), strip_rows: int = 1024) -> np.ndarray:
-    """Mode of the ground-truth labels inside each output cell (0 where a cell holds no ground-truth pixel).
-
-    ``cell_px``: output cell side in full-resolution pixels (output_um / image_um). ``gt_factor``: full-resolution
-    pixels per ground-truth pixel along (rows, cols) (1 for a full-resolution ground truth). Processed in row strips
-    so memory stays at O(grid × labels) plus one strip.
-    """
-    gh, gw = grid_shape
-    if gt.dtype.kind == "u" and gt.dtype.itemsize <= 2:
-        # compact label indices through a lookup table (np.unique sorts every pixel: 0.6 s per demo section)
-        values = np.flatnonzero(np.bincount(gt.ravel(), minlength=1))
-        lut = np.zeros(int(values[-1]) + 1, np.int64)
-        lut[values] = np.arange(len(values))
-        inverse = lut[gt]
-    else:
-        values, inverse = np.unique(gt, return_inverse=True)
-        inverse = inverse.reshape(gt.shape)
-    nlab = len(values)
-    H, W = gt.shape
-    # cell index of each ground-truth pixel centre: floor((r + 0.5) * f / c)
-    ci = np.floor((np.arange(H) + 0.5) * gt_factor[0] / cell_px).astype(np.int64)
-    cj = np.floor((np.arange(W) + 0.5) * gt_factor[1] / cell_px).astype(np.int64)
-    okj = cj < gw
-    counts = np.zeros((gh * gw, nlab), np.int64)
-    for r0 in range(0, H, strip_rows):
-        r1 = min(r0 + strip_rows, H)
-        rows = ci[r0:r1]
-        okr = rows < gh
-        if not okr.any():
-            continue
-        cell = rows[okr, None] * gw + cj[None, okj]
-        lab = inverse[r0:r1][okr][:, okj]
-        counts += np.bincount((cell * nlab + lab).ravel(), minlength=gh * gw * nlab).reshape(gh * gw, nlab)
-    has = counts.sum(1) > 0
-    out = values[np.argmax(counts, axis=1)]  # argmax: ties -> first (smallest) label value
-    out = np.where(has, out, 0)
-    return out.reshape(gh, gw).astype(gt.dtype if gt.dtype.kind in "ui" else np.int64)
-
-
 # ---------------------------------------------------------------------------------------------------- metrics
-def confusion_counts(truth: np.ndarray, pred: np.ndarray) -> dict[int, dict[int, int]]:
-    """{true id: {predicted value: count}} over cortex cells (truth > 0)."""
-    cortex = truth > 0
-    t, p = truth[cortex].astype(np.int64), pred[cortex].astype(np.int64)
-    out: dict[int, dict[int, int]] = {}
-    if t.size == 0:
-        return out
-    pairs, n = np.unique(np.stack([t, p]), axis=1, return_counts=True)
-    for (a, b), k in zip(pairs.T, n):
-        out.setdefault(int(a), {})[int(b)] = int(k)
-    return out
-
-
-def scores_from_confusion(confusion: dict[int, dict[int, int]], area_ids: list[int] | None = None,
-                          uncertain: int = 255) -> pd.DataFrame:
-    """Per-area tp/fp/fn/n_px/f1/iou from confusion counts (cortex cells only); rows for areas in truth or pred.
-
-    Predicted 0 (outside tissue) and ``uncertain`` are never an area: they only add false negatives.
-    """
-    conf = {int(t): {int(p): int(k) for p, k in row.items()} for t, row in confusion.items()}
-    present = set(conf)
-    predicted = {p for row in conf.values() for p in row if p not in (0, uncertain)}
-    ids = sorted(present | predicted) if area_ids is None else [a for a in area_ids if a in present | predicted]
-    rows = []
-    for a in ids:
-        tp = conf.get(a, {}).get(a, 0)
-        n_px = sum(conf.get(a, {}).values())
-        fp = sum(row.get(a, 0) for t, row in conf.items() if t != a)
-        fn = n_px - tp
-        denom = 2 * tp + fp + fn
-        rows.append({"area_id": a, "tp": tp, "fp": fp, "fn": fn, "n_px": n_px,
-                     "f1": 2 * tp / denom if denom else float("nan"),
-                     "iou": tp / (tp + fp + fn) if denom else float("nan")})
-    return pd.DataFrame(rows, columns=["area_id", "tp", "fp", "fn", "n_px", "f1", "iou"])
-
-
-def summary_from_confusion(confusion: dict[int, dict[int, int]], uncertain: int = 255) -> dict[str, float]:
-    """accuracy, macro_f1 (areas present in the truth), coverage and n_cortex_px of confusion counts."""
-    per = scores_from_confusion(confusion, uncertain=uncertain)
-    n = sum(sum(r.values()) for r in confusion.values())
-    correct = sum(int(r.get(int(t), 0)) for t, r in confusion.items())
-    confident = sum(k for r in confusion.values() for p, k in r.items() if int(p) not in (0, uncertain))
-    present = per[per["n_px"] > 0]
-    return {"n_cortex_px": int(n),
-            "accuracy": correct / n if n else float("nan"),
-            "macro_f1": float(present["f1"].mean()) if len(present) else float("nan"),
-            "coverage": confident / n if n else float("nan")}
-
-
 def section_scores(truth: np.ndarray, pred: np.ndarray, uncertain: int = 255,
                    area_ids: list[int] | None = None) -> tuple[pd.DataFrame, dict[str, float], dict]:
     """(per-area table, summary, confusion) of a prediction against a ground truth on the same grid."""
@@ -239,7 +117,7 @@ def _full_res_shape(image: str | None, pixel_size_um: float | None) -> tuple[int
     if not image or not Path(image).exists():
         return None
     try:
-        from cytonet.readers import open_section
+        from cytonet.io.readers import open_section
 
         return tuple(int(v) for v in open_section(image, pixel_size_um=pixel_size_um).levels[0].shape)  # type: ignore[return-value]
     except Exception:  # noqa: BLE001 - fall back to "ground truth is full resolution"
@@ -254,23 +132,11 @@ def ground_truth_on_grid(gt_path: str | os.PathLike, pred: Prediction, section: 
         raise MetricsError(f"section {section}: ground truth {gt_path} not found")
     gh, gw = pred.labels.shape
     cell_px = pred.output_um / pred.image_um
-    if gt_path.suffix.lower() in (".geojson", ".json"):
-        if full_shape is None:
-            raise MetricsError(f"section {section}: GeoJSON ground truth {gt_path} needs the section image's shape")
-        from cytonet.patches import _rasterise_geojson
-
-        # rasterise at 4 samples per output cell and side, then vote: polygons are in full-res pixel coordinates
-        sub = (max(1, math.ceil(full_shape[0] / cell_px * 4)), max(1, math.ceil(full_shape[1] / cell_px * 4)))
-        areas = pd.DataFrame({"area_id": [a["area_id"] for a in pred.areas], "name": [a["name"] for a in pred.areas]})
-        gt = _rasterise_geojson(gt_path, areas, full_shape, sub)
-    elif gt_path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        gt = tifffile.imread(gt_path)
-    else:
-        gt = _read_label_image(gt_path)
-    if gt.ndim != 2:
-        raise MetricsError(f"section {section}: ground truth {gt_path} must be a single-channel label image")
+    areas = pd.DataFrame({"area_id": [a["area_id"] for a in pred.areas], "name": [a["name"] for a in pred.areas]})
+    try:
+        gt = load_labels(gt_path, section, areas, full_shape)
+    except AnnotationError as exc:
+        raise MetricsError(f"section {section}: ground truth: {exc.problem} ({gt_path})") from exc
     if full_shape is None:
         full_shape = gt.shape  # assume the full-resolution grid (the demo's truth/ images are)
         expect = (math.ceil(gt.shape[0] / cell_px), math.ceil(gt.shape[1] / cell_px))
@@ -330,7 +196,7 @@ def evaluate_section(pred_dir: str | os.PathLike, name: str, *, brain: str, sect
 
 
 def _section_row(brains: str, brain: str, section: str, thickness: float | None) -> tuple[str, Any]:
-    from cytonet.tables import load_brains, load_sections
+    from cytonet.io.tables import load_brains, load_sections
 
     bt = load_brains(brains, check_files=False)
     match = bt[bt["brain_id"] == brain]
@@ -400,10 +266,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.section_metrics ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.analysis.section_metrics ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.section_metrics", argv)
+    return stage_main("cytonet.analysis.section_metrics", argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch.utils.data import Dataset, Sampler
 
-from cytonet.models import normalize_uint8
+from cytonet.nn.models import normalize_uint8
 
 
 class PatchStores:
@@ -291,3 +291,21 @@ class LabelledPatchDataset(Dataset):
         else:
             x = plain(patch, self.out_px)
         return x, int(self.labels[k])
+
+
+DEFAULT_VAL_FRACTION = 0.2  # labelled sections held out for validation (finetune; the baseline repeats it)
+
+
+def split_by_section(rows: pd.DataFrame, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, val) holding out whole sections, so no section is in both (honest validation)."""
+    keys = (rows["brain"].astype(str) + "/" + rows["section"].astype(str)).to_numpy()
+    sections = np.unique(keys)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(sections)))
+    if val_fraction > 0 and len(sections) >= 2:
+        n_val = min(max(1, n_val), len(sections) - 1)
+    else:
+        n_val = 0
+    val_sections = set(rng.permutation(sections)[:n_val])
+    val = np.array([k in val_sections for k in keys], dtype=bool)
+    return ~val, val

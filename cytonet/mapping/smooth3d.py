@@ -35,8 +35,8 @@ from typing import Sequence
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from cytonet.atomic import atomic_write_text
-from cytonet.transforms import SectionTransform
+from cytonet.io.maps import SectionMapWriter
+from cytonet.io.transforms import SectionTransform
 
 MIN_SAMPLE_WEIGHT = 0.5  # a bilinear sample needs half its weight inside the neighbour's tissue
 
@@ -181,56 +181,19 @@ def write_maps(out_dir: str | os.PathLike, name: str, probs: np.ndarray, areas: 
 
     ``thumb``: grey section thumbnail for the overlay (a flat grey one when None). ``manifest``: extra keys.
     """
-    from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy,
-                               publish, write_entropy_tif, write_label_png, write_overlay)
-
     t0 = time.perf_counter()
-    ids = [int(a["area_id"]) for a in areas]
-    names = [str(a["name"]) for a in areas]
-    colours = [str(a["color"]) for a in areas]
     c, gh, gw = probs.shape
-    if c != len(ids):
-        raise SmoothError(f"section {name}: {c} probability channels but {len(ids)} areas")
-    label_dtype = np.uint8 if max(ids) < UNCERTAIN_U8 else np.uint16
-    uncertain = UNCERTAIN_U8 if label_dtype == np.uint8 else UNCERTAIN_U16
+    if c != len(areas):
+        raise SmoothError(f"section {name}: {c} probability channels but {len(areas)} areas")
     tissue = np.isfinite(probs).all(axis=0)
-    p = np.moveaxis(np.where(tissue[None], probs, np.nan), 0, -1)  # (gh, gw, c) as infer computes them
-    top = np.max(np.where(tissue[..., None], p, 0.0), axis=-1)
-    lab = np.where(tissue, np.asarray(ids)[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0).astype(label_dtype)
-    lab[tissue & (top < uncertain_below)] = uncertain
-    ent = np.where(tissue, normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mpath = out_dir / f"{name}_infer.json"
-    mpath.unlink(missing_ok=True)  # an old manifest must not vouch for outputs about to be replaced
-    tmp = out_dir / f".{name}.smooth3d-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        paths: dict[str, Path] = {"zarr": tmp / f"{name}.ome.zarr"}
-        store = NgffWriter(paths["zarr"], (gh, gw), c, 512, label_dtype)
-        store.write(0, 0, np.moveaxis(p, -1, 0).astype(np.float32), lab, ent)
-        store.finish(output_um, image_um, pyramid_levels, names, colours, ids, uncertain)
-        paths["areas_png"] = write_label_png(tmp / f"{name}_areas.png", lab, ids, colours, uncertain)
-        paths["entropy_tif"] = write_entropy_tif(tmp / f"{name}_entropy.tif", ent, output_um)
-        if thumb is None:
-            k = max(1, min(4, 2048 // max(gh, gw, 1)))
-            thumb = np.full((gh * k, gw * k), 200, np.uint8)
-        paths["overlay_png"] = write_overlay(tmp / f"{name}_overlay.png", thumb, lab, ids, names, colours, uncertain)
-        final = publish(paths, out_dir)
+    if thumb is None:
+        k = max(1, min(4, 2048 // max(gh, gw, 1)))
+        thumb = np.full((gh * k, gw * k), 200, np.uint8)
+    with SectionMapWriter(out_dir, name, (gh, gw), list(areas), uncertain_below, 512, "smooth3d") as maps:
+        maps.write(0, 0, np.moveaxis(probs, 0, -1), tissue)
         info = dict(manifest or {})
-        info.update({"section": name, "output_um": output_um, "image_pixel_size_um": image_um,
-                     "grid_shape": [gh, gw], "n_tissue_locations": int(tissue.sum()),
-                     "uncertain_below": uncertain_below, "uncertain_value": int(uncertain),
-                     "areas": [{"area_id": i, "name": n, "color": col} for i, n, col in zip(ids, names, colours)],
-                     "ngff_version": NGFF_VERSION, "outputs": {k: v.name for k, v in final.items()}})
         info.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        atomic_write_text(mpath, json.dumps(info, indent=2))  # last: it vouches for the outputs above
-        final["manifest"] = mpath
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        return maps.finish(output_um, image_um, pyramid_levels, thumb, info)
 
 
 def _thumbnail_for(image: str | None, pixel_size_um: float | None, manifest: dict) -> np.ndarray | None:
@@ -238,8 +201,8 @@ def _thumbnail_for(image: str | None, pixel_size_um: float | None, manifest: dic
     if not image or not Path(image).exists():
         return None
     try:
-        from cytonet.mapio import thumbnail
-        from cytonet.readers import open_section
+        from cytonet.io.maps import thumbnail
+        from cytonet.io.readers import open_section
 
         sec = open_section(image, pixel_size_um=pixel_size_um)
         net_um = float(manifest.get("network_pixel_size_um") or manifest["output_um"])
@@ -252,7 +215,7 @@ def smooth_brain(brains: str | os.PathLike, brain: str, pred: str, out: str, *, 
                  neighbours: int, sections: Sequence[str] | None = None, thickness_um: float | None = None,
                  overlay_image: bool = True) -> list[Path]:
     """Smooth one brain's infer outputs (``pred``/``out`` may hold ``{brain}`` and ``{section}``); manifests."""
-    from cytonet.tables import load_brains, load_sections
+    from cytonet.io.tables import load_brains, load_sections
 
     if sigma_um <= 0 or neighbours < 0:
         raise SmoothError(f"sigma_um must be > 0 and neighbours >= 0 (got {sigma_um}, {neighbours})")
@@ -336,10 +299,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.smooth3d ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.mapping.smooth3d ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.smooth3d", argv)
+    return stage_main("cytonet.mapping.smooth3d", argv)
 
 
 if __name__ == "__main__":

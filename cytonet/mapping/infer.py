@@ -10,8 +10,8 @@ A patch classifier is split at its global average pool::
 
 plus ``window_px`` (S, the network input side), ``pixel_size_um`` (resolution the network sees), the area ids and
 names (column order of the logits) and ``preprocess`` (uint8 -> normalised float, default
-:func:`cytonet.models.normalize_uint8`, the one function training also uses). :func:`as_dense_model` builds it from
-a torchvision ResNet, :class:`cytonet.models.Encoder`, the small ResNet, ``cytonet.finetune.Classifier`` or any
+:func:`cytonet.nn.models.normalize_uint8`, the one function training also uses). :func:`as_dense_model` builds it from
+a torchvision ResNet, :class:`cytonet.nn.models.Encoder`, the small ResNet, ``cytonet.nn.checkpoints.Classifier`` or any
 module with ``trunk``/``head``/``net_stride``; :func:`load_classifier` builds it from finetune's ``classifier.pt``.
 
 Output grid and the two paths
@@ -39,7 +39,7 @@ Why dense and naive differ, and by how much (measured; see tests/test_infer.py a
    ==========================================  =====  ========  ==========  ===========  =================
    plain CNN, 4 stride-2 3x3 convs (the test)   16    15 px      99.2 %      0.39         0.026
    same, T=8 (snapping, see 2.)                 16    15 px      99.2 %      0.58         0.025
-   cytonet.models.SmallResNet (demo encoder)    32    95 px      95.8 %      0.99         0.041
+   cytonet.nn.models.SmallResNet (demo encoder)    32    95 px      95.8 %      0.99         0.041
    ==========================================  =====  ========  ==========  ===========  =================
 
    Every disagreement lies within ~20 px of an area or tissue boundary. With random-init heads probabilities are
@@ -97,9 +97,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytonet.atomic import atomic_write_text
-from cytonet.mapio import (NGFF_VERSION, UNCERTAIN_U8, UNCERTAIN_U16, NgffWriter, normalised_entropy, publish,
-                            thumbnail, write_entropy_tif, write_label_png, write_overlay)
+from cytonet.nn.models import autocast
+from cytonet.io.maps import SectionMapWriter, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +111,9 @@ class InferenceError(ValueError):
 
 # --------------------------------------------------------------------------------------------- model interface
 def default_preprocess(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,H,W] / [N,1,H,W] -> float [N,1,H,W]: the training normalisation (cytonet.models.normalize_uint8)."""
+    """uint8 [N,H,W] / [N,1,H,W] -> float [N,1,H,W]: the training normalisation (cytonet.nn.models.normalize_uint8)."""
     try:
-        from cytonet.models import normalize_uint8
+        from cytonet.nn.models import normalize_uint8
     except ImportError:  # models not importable: same constants as models.PIXEL_MEAN / PIXEL_STD
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         return ((x.unsqueeze(1) if x.ndim == 3 else x) - 0.5) / 0.25
@@ -184,7 +183,7 @@ def as_dense_model(model: Any, *, window_px: int, pixel_size_um: float, area_ids
         return model
     if hasattr(model, "trunk") and hasattr(model, "head") and hasattr(model, "net_stride"):
         trunk, head, stride = model.trunk, model.head, int(model.net_stride)
-    elif hasattr(model, "encoder") and hasattr(model, "head"):  # cytonet.finetune.Classifier
+    elif hasattr(model, "encoder") and hasattr(model, "head"):  # cytonet.nn.checkpoints.Classifier
         backbone = getattr(model.encoder, "backbone", model.encoder)
         trunk, stride = _split_backbone(backbone)
         head = model.head
@@ -192,7 +191,7 @@ def as_dense_model(model: Any, *, window_px: int, pixel_size_um: float, area_ids
         trunk, stride = _split_backbone(model)
         head = model.fc
     else:
-        raise TypeError(f"{source}: {type(model).__name__} has no trunk/head split; see cytonet.infer.DenseModel")
+        raise TypeError(f"{source}: {type(model).__name__} has no trunk/head split; see cytonet.mapping.infer.DenseModel")
     trunk.eval()
     head.eval()
     pre = preprocess or getattr(model, "preprocess", None) or default_preprocess
@@ -215,9 +214,9 @@ def load_classifier(path: str | os.PathLike, pixel_size_um: float | None = None,
         return ck
     if not isinstance(ck, dict) or "spec" not in ck or "area_ids" not in ck:
         raise InferenceError(f"classifier checkpoint {path}: not a cytonet classifier (no 'spec'/'area_ids')")
-    from cytonet.finetune import load_classifier as ft_load
+    from cytonet.nn.checkpoints import load_classifier as load_checkpoint
 
-    model, ck = ft_load(ck, device="cpu")
+    model, ck = load_checkpoint(ck, device="cpu")
     patch_px, input_px = int(ck.get("patch_px") or ck["input_px"]), int(ck.get("input_px") or ck["patch_px"])
     um = ck.get("pixel_size_um") or (ck.get("config") or {}).get("pixel_size_um") or pixel_size_um
     if um is None:
@@ -362,7 +361,7 @@ def read_areas_table(path: str | os.PathLike) -> tuple[list[int], list[str], lis
     if not path.is_file():
         raise InferenceError(f"areas table {path} does not exist")
     try:
-        from cytonet.tables import load_areas
+        from cytonet.io.tables import load_areas
 
         t = load_areas(path)
     except ImportError:  # pragma: no cover
@@ -379,15 +378,6 @@ def _device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _autocast(dev: torch.device):
-    # bf16 on GPU (tensor cores); fp32 on CPU (CPU bf16 is slow and inexact).
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -432,7 +422,7 @@ def _dense_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.
     x = model.preprocess(torch.from_numpy(tile)[None]).to(dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(dev):
+    with autocast(dev):
         feat = model.trunk(x)
         if feat.shape[-2:] != (hc, wc):
             raise RuntimeError(f"trunk returned {tuple(feat.shape[-2:])} cells for a {hc * s}x{wc * s} tile; "
@@ -461,7 +451,7 @@ def _naive_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.
         x = model.preprocess(torch.from_numpy(wins)).to(dev)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev):
+        with autocast(dev):
             logits = model.classify(x)
         out[li[a:a + batch], lj[a:a + batch]] = torch.softmax(logits.float(), 1).cpu().numpy()
     return out
@@ -487,14 +477,14 @@ def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tu
             raise InferenceError(f"image array must be uint8 (H, W), got {image.dtype} {image.shape}")
         um = pixel_size_um or net_um
         if abs(um / net_um - 1) > 0.01:
-            from cytonet.readers import downsample
+            from cytonet.io.readers import downsample
             import dask.array as da
 
             if um > net_um:
                 raise InferenceError(f"image array at {um} µm/px is coarser than the network's {net_um} µm/px")
             return downsample(da.from_array(image, chunks=2048), net_um / um), um, "<array>", None
         return image, um, "<array>", None
-    from cytonet.readers import SectionReadError, open_section
+    from cytonet.io.readers import SectionReadError, open_section
 
     if not Path(image).exists():
         raise InferenceError(f"section image {image} does not exist")
@@ -572,25 +562,14 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     batch = batch_size or max(1, (1 << 22) // (S * S))  # ~4 Mpx of windows per naive batch
 
     name = name or (Path(image).name.split(".")[0] if not isinstance(image, np.ndarray) else "section")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"{name}_infer.json"
-    manifest.unlink(missing_ok=True)  # an old manifest must not vouch for outputs we are about to replace
-    tmp = out_dir / f".{name}.infer-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        label_dtype = np.uint8 if max(ids) < UNCERTAIN_U8 else np.uint16
-        uncertain = UNCERTAIN_U8 if label_dtype == np.uint8 else UNCERTAIN_U16
-        zpath = tmp / f"{name}.ome.zarr"
-        store = NgffWriter(zpath, (gh, gw), len(ids), block, label_dtype)
+    areas = [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)]
+    with SectionMapWriter(out_dir, name, (gh, gw), areas, uncertain_below, block, "infer") as maps:
         blocks = list(_iter_blocks(grid, tissue, block))
         it: Any = blocks
         if progress:
             from tqdm.auto import tqdm
 
             it = tqdm(blocks, desc=f"infer {name} ({mode})", unit="tile", file=sys.stderr)
-        id_arr = np.asarray(ids)
         trunk_px = 0  # pixels the network ran over (dense: tiles with halo; naive: windows), for cost accounting
         for b in it:
             if mode == "dense":
@@ -599,38 +578,14 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
             else:
                 p = _naive_block(model, img, grid, b, dev, batch)
                 trunk_px += int(b.tissue.sum()) * S * S
-            p[~b.tissue] = np.nan
-            top = np.nanmax(np.where(b.tissue[..., None], p, 0.0), axis=-1)
-            lab = np.where(b.tissue, id_arr[np.argmax(np.nan_to_num(p, nan=-1.0), axis=-1)], 0).astype(label_dtype)
-            lab[b.tissue & (top < uncertain_below)] = uncertain
-            ent = np.where(b.tissue, normalised_entropy(np.nan_to_num(p)), np.nan).astype(np.float32)
-            store.write(b.i0, b.j0, np.moveaxis(p, -1, 0), lab, ent)
-        store.finish(output_um, image_um, pyramid_levels, names, colours, ids, uncertain)
-
-        labels = store.labels0()
-        entropy = store.entropy0()
-        paths = {"zarr": zpath}
-        paths["areas_png"] = write_label_png(tmp / f"{name}_areas.png", labels, ids, colours, uncertain)
-        paths["entropy_tif"] = write_entropy_tif(tmp / f"{name}_entropy.tif", entropy, output_um)
-        if overlay:
-            thumb = thumbnail(img if sec is None else sec, net_um, output_um, image_um)
-            paths["overlay_png"] = write_overlay(tmp / f"{name}_overlay.png", thumb, labels, ids, names, colours,
-                                                 uncertain)
-        final = publish(paths, out_dir)
+            maps.write(b.i0, b.j0, p, b.tissue)
+        thumb = thumbnail(img if sec is None else sec, net_um, output_um, image_um) if overlay else None
         seconds = time.perf_counter() - t_start
-        info = {"section": name, "image": img_where, "mode": mode, "classifier": model.source,
-                "image_pixel_size_um": image_um, "network_pixel_size_um": net_um, "window_px": S,
-                "net_stride": s, "output_stride_px": T, "output_um": output_um, "rf_margin_px": margin,
-                "tile_px": tile_px, "grid_shape": [gh, gw], "n_tissue_locations": int(tissue.sum()),
-                "n_tiles": len(blocks), "trunk_px": trunk_px, "uncertain_below": uncertain_below, "uncertain_value": int(uncertain),
-                "areas": [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)],
-                "ngff_version": NGFF_VERSION, "device": str(dev), "seconds": round(seconds, 3),
-                "outputs": {k: v.name for k, v in final.items()}}
-        atomic_write_text(manifest, json.dumps(info, indent=2))  # last: it vouches for the outputs above
-        final["manifest"] = manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return InferenceResult(out_dir, final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks))
+        final = maps.finish(output_um, image_um, pyramid_levels, thumb, {
+            "image": img_where, "mode": mode, "classifier": model.source, "network_pixel_size_um": net_um,
+            "window_px": S, "net_stride": s, "output_stride_px": T, "rf_margin_px": margin, "tile_px": tile_px,
+            "n_tiles": len(blocks), "trunk_px": trunk_px, "device": str(dev), "seconds": round(seconds, 3)})
+    return InferenceResult(Path(out_dir), final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks))
 
 
 
@@ -685,10 +640,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.infer ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.mapping.infer ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.infer", argv)
+    return stage_main("cytonet.mapping.infer", argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Dask beyond one node: a Client on a LocalCluster (inside one job) or on a dask-jobqueue SLURMCluster.
 
-    from cytonet.dask_cluster import dask_client
+    from cytonet.preprocess.dask_cluster import dask_client
     with dask_client({"cluster": "local"}, threads=8) as client:
         ...
 
@@ -38,7 +38,7 @@ import os
 import threading
 from typing import Any, Iterator
 
-from cytonet.params import with_defaults
+from cytonet.io.params import with_defaults
 
 DEFAULTS: dict[str, Any] = {
     "cluster": "local",

@@ -1,7 +1,7 @@
 """Tissue masking of whole sections at low resolution.
 
 Algorithm (at a working grid of ``resolution_um`` µm/px, e.g. 16-64; the image is read lazily and downsampled with
-anti-aliasing by :mod:`cytonet.readers`):
+anti-aliasing by :mod:`cytonet.io.readers`):
 
 1. **Glass colours.** Pixels that are locally flat (3×3 std below a noise floor) and bright are binned by colour; the
    bins holding >= 0.3 % of the image whose brightness is within ``glass_band`` of the brightest such bin are
@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from cytonet.atomic import atomic_path
-from cytonet.readers import Section, SectionReadError, open_section
+from cytonet.io.atomic import atomic_write_png
+from cytonet.io.readers import Section, SectionReadError, open_section
 
 __all__ = ["EmptySectionError", "MaskResult", "compute_mask", "mask_image", "default_resolution",
-           "configure_parser", "run", "write_png_atomic", "qc_overlay"]
+           "configure_parser", "run", "qc_overlay"]
 
 # Working grid defaults: coarse enough to be cheap, fine enough for cortex (2-4 mm thick) to span many pixels.
 DEFAULT_RESOLUTION_UM = 32.0
@@ -142,7 +142,7 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         arr = np.asarray(section_or_array)
         px_um = float(pixel_size_um or resolution_um or 0) or None
         if arr.ndim == 3:
-            from cytonet.readers import to_stain
+            from cytonet.io.readers import to_stain
 
             rgb = arr[..., :3].astype(np.float32)
             grey = to_stain(arr).astype(np.float32)
@@ -265,15 +265,6 @@ def default_resolution(sec: Section) -> float:
     return max(native, min(DEFAULT_RESOLUTION_UM, extent / MAX_WORK_SIDE_PX))
 
 
-def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write a PNG through a temp file in the same folder and os.replace, so no partial file is ever visible."""
-    from PIL import Image
-
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return Path(path)
-
-
 def qc_overlay(grey_or_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """RGB QC image: the section with tissue tinted green, background tinted red, and the mask outline in yellow."""
     img = grey_or_rgb.astype(np.float32)
@@ -302,11 +293,11 @@ def mask_image(path: str | os.PathLike, out_png: str | os.PathLike, pixel_size_u
     if frac < min_tissue_fraction:
         raise EmptySectionError(f"{sec.where}: no tissue found (tissue fraction {frac:.4%} < "
                                 f"{min_tissue_fraction:.4%} at {res:g} µm/px)")
-    write_png_atomic(out_png, (mask * 255).astype(np.uint8))
+    atomic_write_png(out_png, (mask * 255).astype(np.uint8))
     if qc_png is not None:
         rgb = sec.read_rgb(res)
         base = rgb.compute() if rgb is not None else sec.read(res).compute()
-        write_png_atomic(qc_png, qc_overlay(base, mask))
+        atomic_write_png(qc_png, qc_overlay(base, mask))
     return MaskResult(mask=mask, resolution_um=res, shape=tuple(mask.shape), source_level=sec.level_for(res),
                       path=path, out_png=out_png, qc_png=Path(qc_png) if qc_png else None, tissue_fraction=frac,
                       info=info)

@@ -15,8 +15,8 @@ that split's average (its per-area F1 is NaN); predictions *of* such an area sti
 area (they lower its recall). This equals ``sklearn.metrics.f1_score(average="macro", labels=<present areas>)``.
 
 Models: any number of classifier checkpoints (``--model NAME=classifier.pt``, repeated; one per seed; the seed is
-the checkpoint's finetune seed) and the classical laminar-profile baseline (``cytonet.baselines``), fitted here
-per seed on the same labelled sections finetuning with that seed trained on (``finetune.split_by_section``).
+the checkpoint's finetune seed) and the classical laminar-profile baseline (``cytonet.analysis.baselines``), fitted here
+per seed on the same labelled sections finetuning with that seed trained on (``cytonet.nn.data.split_by_section``).
 Outputs: see ``configure_parser`` / docs in the README of the issue; all files are written atomically.
 """
 
@@ -36,64 +36,20 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from cytonet.atomic import atomic_path
+from cytonet.io.annotations import is_set, labels_at, load_labels
+from cytonet.io.atomic import atomic_path, atomic_savefig, atomic_write_csv, atomic_write_text
+from cytonet.io.metrics import classification_metrics
 
 SPLITS = ("known", "unknown", "all")
 SPLIT_TITLES = {"known": "Known brains", "unknown": "Unknown brains", "all": "All"}
 BASELINE_NAME = "laminar profile + LR"
 
 
-# ------------------------------------------------------------------------------------------------------ metrics
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Confusion matrix int64 [n, n] of class indices 0..n-1: rows = true, columns = predicted."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
-    if len(y_true) and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes):
-        raise ValueError(f"class indices must lie in [0, {n_classes})")
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def metrics_from_confusion(cm: np.ndarray) -> dict[str, object]:
-    """accuracy, per-class F1 (NaN for classes absent from the ground truth), macro-F1 over present classes."""
-    cm = np.asarray(cm, np.float64)
-    n = cm.sum()
-    tp = np.diag(cm)
-    support = cm.sum(1)           # true count per class
-    predicted = cm.sum(0)
-    denom = support + predicted   # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted)
-    present = support > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denom > 0, 2 * tp / denom, 0.0)
-    f1 = np.where(present, f1, np.nan)
-    return {"accuracy": float(tp.sum() / n) if n else float("nan"),
-            "macro_f1": float(np.nanmean(f1)) if present.any() else float("nan"),
-            "f1": f1, "support": support.astype(np.int64), "n": int(n)}
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, object]:
-    """Metrics of class-index arrays; adds the confusion matrix under key ``confusion``."""
-    cm = confusion(y_true, y_pred, n_classes)
-    return {**metrics_from_confusion(cm), "confusion": cm}
-
-
 # ------------------------------------------------------------------------------------------------ ground truth
-def _label_lookup(grid: np.ndarray, full_shape: tuple[int, int], x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
-    """Label at full-res pixel-index centres (pixel i has its centre at i) on a grid of the same extent.
-
-    Same convention as cytonet.patches (edge coordinate = index + 0.5, scaled to the grid, floored), so on the
-    full-res grid this is the pixel holding the centre and on a coarse grid the cell holding it.
-    """
-    h, w = full_shape
-    r = np.clip(np.floor((np.asarray(y_px) + 0.5) * grid.shape[0] / h).astype(np.int64), 0, grid.shape[0] - 1)
-    c = np.clip(np.floor((np.asarray(x_px) + 0.5) * grid.shape[1] / w).astype(np.int64), 0, grid.shape[1] - 1)
-    return grid[r, c]
-
-
 def _section_rows(sections_table: str | Path | pd.DataFrame) -> pd.DataFrame:
     if isinstance(sections_table, pd.DataFrame):
         return sections_table
-    from cytonet.tables import load_sections
+    from cytonet.io.tables import load_sections
 
     return load_sections(sections_table, check_files=False)
 
@@ -106,8 +62,7 @@ def ground_truth_labels(store_dir: str | Path, sections_table: str | Path | pd.D
     grid of the same extent, or GeoJSON); the full-res extent comes from the section image's metadata.
     Sections without ground truth give 0 (excluded from metrics) with a warning.
     """
-    from cytonet.patches import load_annotation
-    from cytonet.readers import open_section
+    from cytonet.io.readers import open_section
 
     store_dir = Path(store_dir)
     table = pd.read_parquet(store_dir / "patches.parquet", columns=["section", "x_px", "y_px"])
@@ -120,18 +75,15 @@ def ground_truth_labels(store_dir: str | Path, sections_table: str | Path | pd.D
             raise ValueError(f"{store_dir}: section '{sid}' is not in the sections table")
         row = secs.loc[sid]
         gt = row.get("ground_truth")
-        if gt is None or (isinstance(gt, float) and math.isnan(gt)) or str(gt) == "":
+        if not is_set(gt):
             warnings.warn(f"{store_dir}: section '{sid}' has no ground_truth; its {len(idx)} patches are not evaluated")
             continue
         px = row.get("pixel_size_um")
-        px = None if px is None or (isinstance(px, float) and math.isnan(px)) else float(px)
+        px = float(px) if is_set(px) else None
         full = tuple(open_section(row["image"], px, section_id=sid).levels[0].shape[:2])
-        grid = (max(1, full[0] // 8), max(1, full[1] // 8))  # GeoJSON raster grid only
-        labels = load_annotation(gt, sid, areas, full, grid)
-        if labels.shape[0] > full[0] or labels.shape[1] > full[1]:
-            raise ValueError(f"section '{sid}': ground truth {gt} is {labels.shape}, larger than the image {full}")
+        labels = load_labels(gt, sid, areas, full)
         sub = table.iloc[idx]
-        out[idx] = _label_lookup(labels, full, sub["x_px"].to_numpy(), sub["y_px"].to_numpy())
+        out[idx] = labels_at(labels, full, sub["x_px"].to_numpy(), sub["y_px"].to_numpy())
     return out
 
 
@@ -194,7 +146,7 @@ def load_stores(stores: Sequence[str | Path], brains_table: str | Path, areas: p
 
     import zarr
 
-    from cytonet.tables import load_brains, load_sections
+    from cytonet.io.tables import load_brains, load_sections
 
     brains = load_brains(brains_table, check_files=False)
     roles = dict(zip(brains["brain_id"].astype(str), brains["role"].astype(str)))
@@ -283,16 +235,6 @@ def parse_model_specs(specs: Sequence[str]) -> list[ModelRun]:
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via `write(tmp)` then rename, so readers never see half a file."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
-def _write_csv(df: pd.DataFrame, path: Path, index: bool = False) -> None:
-    _atomic_write(path, lambda t: df.to_csv(t, index=index))
-
-
 def slug(name: str) -> str:
     """File-name-safe model name ("random init" -> "random_init")."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
@@ -373,8 +315,7 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str, path: Path)
                         color="white" if norm[i, j] > 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    _atomic_write(path, lambda t: fig.savefig(t, format="png"))
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 def plot_macro_f1(summary: pd.DataFrame, models: Sequence[str], path: Path) -> None:
@@ -399,8 +340,7 @@ def plot_macro_f1(summary: pd.DataFrame, models: Sequence[str], path: Path) -> N
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda t: fig.savefig(t, format="png"))
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 # -------------------------------------------------------------------------------------------------- driver
@@ -421,11 +361,11 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
     """Evaluate every run (and the profile baseline per seed) on the known/unknown/all splits; write outputs."""
     import torch
 
-    from cytonet.baselines import fit_profile_baseline_features, predict_profile_baseline_features, \
+    from cytonet.analysis.baselines import fit_profile_baseline_features, predict_profile_baseline_features, \
         profile_features, save_baseline
-    from cytonet.finetune import DEFAULTS as FT_DEFAULTS
-    from cytonet.finetune import load_classifier, predict, split_by_section
-    from cytonet.tables import load_areas
+    from cytonet.nn.checkpoints import load_classifier, predict
+    from cytonet.nn.data import DEFAULT_VAL_FRACTION, split_by_section
+    from cytonet.io.tables import load_areas
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -464,7 +404,7 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
         if not parts:
             raise ValueError("profile baseline: no labelled patches (labelled, area_id > 0) of known brains")
         train_table = pd.concat(parts, ignore_index=True)
-    vf = float(FT_DEFAULTS["val_fraction"] if baseline_val_fraction is None else baseline_val_fraction)
+    vf = float(DEFAULT_VAL_FRACTION if baseline_val_fraction is None else baseline_val_fraction)
 
     metric_rows: list[dict] = []
     conf_sum: dict[tuple[str, str], np.ndarray] = {}
@@ -534,18 +474,19 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
     per_area["area_id"] = [area_ids[names.index(a)] for a in per_area["area"]]
     per_area = per_area[["model", "split", "area_id", "area", "f1_mean", "f1_std", "support"]]
 
-    _write_csv(metrics, out / "metrics.csv")
-    _write_csv(summary, out / "summary.csv")
-    _write_csv(per_area, out / "per_area_f1.csv")
+    atomic_write_csv(out / "metrics.csv", metrics)
+    atomic_write_csv(out / "summary.csv", summary)
+    atomic_write_csv(out / "per_area_f1.csv", per_area)
     preds_all = pd.concat(pred_tables, ignore_index=True)
-    _atomic_write(out / "predictions.parquet", lambda t: preds_all.to_parquet(t, index=False))
+    with atomic_path(out / "predictions.parquet") as tmp:
+        preds_all.to_parquet(tmp, index=False)
     md = summary_markdown(summary, models)
-    _atomic_write(out / "summary.md", lambda t: t.write_text("# Classification metrics\n\n" + md))
+    atomic_write_text(out / "summary.md", "# Classification metrics\n\n" + md)
     written = []
     for (model, split), cm in conf_sum.items():
         df = pd.DataFrame(cm, index=pd.Index(names, name="true\\predicted"), columns=names)
         p = out / f"confusion_{slug(model)}_{split}.csv"
-        _write_csv(df, p, index=True)
+        atomic_write_csv(p, df, index=True)
         written.append(p)
         if split == "unknown":
             n_seeds = int(summary.loc[(summary["model"] == model) & (summary["split"] == split), "n_seeds"].iloc[0])
@@ -598,10 +539,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.evaluate ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.analysis.evaluate ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.evaluate", argv)
+    return stage_main("cytonet.analysis.evaluate", argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from cytonet.tables import SCHEMA_DIR, TableError, load_all_sections, load_areas
+from cytonet.io.tables import SCHEMA_DIR, TableError, load_all_sections, load_areas
 
 
 class ConfigError(ValueError):

@@ -15,9 +15,9 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from cytonet.transforms import SectionTransform, TransformError
+from cytonet.io.transforms import SectionTransform, TransformError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 PATH_COLUMNS = {"sections": ("image", "annotation", "ground_truth"), "brains": ("sections",), "areas": ()}
 
 

@@ -44,25 +44,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytonet.atomic import atomic_path, atomic_write_text
+from cytonet.io.annotations import is_set, labels_at, load_labels
+from cytonet.io.atomic import atomic_path, atomic_savefig, atomic_write_json, atomic_write_text
 
 OUTPUTS = ("embedding.parquet", "umap_by_area.png", "umap_by_brain.png", "umap_by_position.png",
            "umap_fa_pb.png", "separation.json", "separation.md")
 EMBEDDING_COLUMNS = ["index", "store", "brain", "role", "section", "x_px", "y_px", "x_mm", "y_mm", "z_mm",
                      "area_id", "area", "label_source", "umap_x", "umap_y"]
 UNLABELLED = "unlabelled"
+FIGURE = {"dpi": 130, "bbox_inches": "tight"}  # savefig options of every plot
 
 
 # ------------------------------------------------------------------------------------------------ I/O helpers
-def atomic_savefig(fig: Any, path: Path, dpi: int = 130) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-
-
 def read_store_tables(stores: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Concatenate the stores' parquet tables (with ``store``/``row`` columns) and return shared metadata."""
     import zarr
@@ -95,32 +88,16 @@ def read_store_tables(stores: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[
 def _label_image(path: str, section_id: str, image: str | None, pixel_size_um: float | None,
                  areas: pd.DataFrame) -> tuple[np.ndarray, tuple[int, int]]:
     """Ground-truth label grid of one section and the full-res image shape it spans (same extent)."""
-    from cytonet.patches import load_annotation
-
     full: tuple[int, int] | None = None
     if image:
         try:
-            from cytonet.readers import open_section
+            from cytonet.io.readers import open_section
 
             full = tuple(int(v) for v in open_section(image, pixel_size_um, section_id).levels[0].shape[:2])
         except Exception as exc:  # noqa: BLE001 - without the image, assume the label image is full-res
             warnings.warn(f"section {section_id}: cannot open image {image} ({exc}); assuming {path} is full-res")
-    if Path(path).suffix.lower() in (".geojson", ".json"):
-        if full is None:
-            raise ValueError(f"section {section_id}: GeoJSON ground truth {path} needs the image for its extent")
-        grid = (max(1, full[0] // 4), max(1, full[1] // 4))  # polygons rasterised at 1/4 res: plenty for centres
-        labels = load_annotation(path, section_id, areas, full, grid)
-    else:
-        labels = load_annotation(path, section_id, areas, full or (0, 0), (0, 0))
+    labels = load_labels(path, section_id, areas, full)
     return labels, full or tuple(labels.shape[:2])
-
-
-def lookup_labels(labels: np.ndarray, full_shape: tuple[int, int], x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
-    """Label at patch centres given in full-res pixel-index coordinates (pixel i is centred at i)."""
-    # Edge coordinate of a centre is x + 0.5; the label grid covers the same extent as the full-res image.
-    r = np.floor((np.asarray(y_px, float) + 0.5) * labels.shape[0] / full_shape[0]).astype(np.int64)
-    c = np.floor((np.asarray(x_px, float) + 0.5) * labels.shape[1] / full_shape[1]).astype(np.int64)
-    return labels[np.clip(r, 0, labels.shape[0] - 1), np.clip(c, 0, labels.shape[1] - 1)].astype(np.int64)
 
 
 def assign_areas(table: pd.DataFrame, sections: pd.DataFrame | None, areas: pd.DataFrame,
@@ -139,8 +116,7 @@ def assign_areas(table: pd.DataFrame, sections: pd.DataFrame | None, areas: pd.D
         return out
     gt = {}
     for row in sections.itertuples():
-        value = getattr(row, "ground_truth", None)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value):
+        if is_set(getattr(row, "ground_truth", None)):
             gt[(str(row.brain_id), str(row.section_id))] = row
     if mode == "ground_truth":
         out["area_id"], out["label_source"] = 0, "none"
@@ -149,10 +125,10 @@ def assign_areas(table: pd.DataFrame, sections: pd.DataFrame | None, areas: pd.D
         if row is None:
             continue
         px = getattr(row, "pixel_size_um", None)
-        px = None if px is None or (isinstance(px, float) and math.isnan(px)) else float(px)
+        px = float(px) if is_set(px) else None
         labels, full = _label_image(row.ground_truth, str(section), getattr(row, "image", None), px, areas)
         part = out.loc[idx]
-        out.loc[idx, "area_id"] = lookup_labels(labels, full, part["x_px"].to_numpy(), part["y_px"].to_numpy())
+        out.loc[idx, "area_id"] = labels_at(labels, full, part["x_px"].to_numpy(), part["y_px"].to_numpy())
         out.loc[idx, "label_source"] = "ground_truth"
     return out
 
@@ -186,13 +162,13 @@ def stratified_sample(table: pd.DataFrame, per_area: int, seed: int = 0, include
 
 # ------------------------------------------------------------------------------------------------ features
 def load_model(encoder: str | None, random_init: str | None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """The encoder from encoder.pt (cytonet.pretrain.load_encoder), or a random-init one (baseline), in eval mode."""
+    """The encoder from encoder.pt (cytonet.nn.checkpoints.load_encoder), or a random-init one (baseline), in eval mode."""
     import torch
 
-    from cytonet.models import build_encoder
+    from cytonet.nn.models import build_encoder
 
     if encoder:
-        from cytonet.pretrain import load_encoder
+        from cytonet.nn.checkpoints import load_encoder
 
         ck = torch.load(encoder, map_location="cpu", weights_only=False)
         model = load_encoder(encoder)
@@ -214,7 +190,7 @@ def embed_patches(model: Any, stores: Sequence[str | Path], store_idx: np.ndarra
     import torch.nn.functional as F
     import zarr
 
-    from cytonet.models import autocast, normalize_uint8, prepare_model, to_input
+    from cytonet.nn.models import autocast, normalize_uint8, prepare_model, to_input
 
     if features not in ("backbone", "projection"):
         raise ValueError(f"features must be 'backbone' or 'projection', got {features!r}")
@@ -454,7 +430,7 @@ def plot_by_area(df: pd.DataFrame, colors: dict[int, str], names: dict[int, str]
         ax.scatter([], [], s=40, c=colors.get(a, "#000000"), label=f"{names.get(a, a)} ({(lab['area_id'] == a).sum()})")
     _scatter_ax(ax, df, "UMAP of encoder features, by area")
     ax.legend(title="area (n)", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=1.0)
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, **FIGURE)
 
 
 def plot_by_brain(df: pd.DataFrame, path: Path, seed: int = 0) -> None:
@@ -473,7 +449,7 @@ def plot_by_brain(df: pd.DataFrame, path: Path, seed: int = 0) -> None:
         ax.scatter([], [], s=40, color=col[b], label=f"{b} ({roles[b]}, {(df['brain'] == b).sum()})")
     _scatter_ax(ax, df, "UMAP of encoder features, by brain")
     ax.legend(title="brain (role, n)", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, **FIGURE)
 
 
 def plot_by_position(df: pd.DataFrame, path: Path) -> None:
@@ -493,7 +469,7 @@ def plot_by_position(df: pd.DataFrame, path: Path) -> None:
     _scatter_ax(axes[3], df, "by 3D position: RGB = (x, y, z)")
     axes[3].text(0.02, 0.02, "R = x, G = y, B = z\n(1-99th percentile scaled)", transform=axes[3].transAxes,
                  fontsize=9, va="bottom", bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, **FIGURE)
 
 
 def plot_pair(df: pd.DataFrame, pair: tuple[int, int], colors: dict[int, str], names: dict[int, str],
@@ -524,7 +500,7 @@ def plot_pair(df: pd.DataFrame, pair: tuple[int, int], colors: dict[int, str], n
     ax2.set_aspect("equal", adjustable="datalim")
     ax2.invert_yaxis()  # image convention: y grows downwards, as in the section images
     ax2.legend(loc="best", fontsize=9, markerscale=3)
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, **FIGURE)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -616,7 +592,7 @@ def embed(stores: Sequence[str | Path], out_dir: str | Path, areas_path: str | P
         import torch
 
         torch.set_num_threads(int(threads))
-    from cytonet.tables import load_all_sections, load_areas, load_brains
+    from cytonet.io.tables import load_all_sections, load_areas, load_brains
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -714,7 +690,7 @@ def embed(stores: Sequence[str | Path], out_dir: str | Path, areas_path: str | P
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, f"areas {pair} not in the areas table", ha="center", va="center")
-        atomic_savefig(fig, out / "umap_fa_pb.png")
+        atomic_savefig(fig, out / "umap_fa_pb.png", **FIGURE)
     lap("write")
 
     n_per_area = {int(a): int(n) for a, n in zip(*np.unique(yl, return_counts=True))}
@@ -728,7 +704,7 @@ def embed(stores: Sequence[str | Path], out_dir: str | Path, areas_path: str | P
            "umap": {"n_neighbors": n_neighbors, "min_dist": min_dist, "metric": "cosine", "random_state": seed,
                     "umap_learn": _version("umap-learn")},
            "metrics": metrics, "timings_s": timings}
-    atomic_write_text(out / "separation.json", json.dumps(_jsonable(rep), indent=2))
+    atomic_write_json(out / "separation.json", rep)
     atomic_write_text(out / "separation.md", markdown_report(rep, names))
     return rep
 
@@ -748,18 +724,6 @@ def _version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def summary_lines(rep: dict[str, Any]) -> list[str]:
@@ -833,10 +797,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.embed ...`` (the same as the ``cytonet`` sub-command)."""
+    """``python -m cytonet.analysis.embed ...`` (the same as the ``cytonet`` sub-command)."""
     from cytonet.cli import stage_main
 
-    return stage_main("cytonet.embed", argv)
+    return stage_main("cytonet.analysis.embed", argv)
 
 
 if __name__ == "__main__":

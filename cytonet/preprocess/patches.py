@@ -47,7 +47,7 @@ Store layout (``--out`` directory)::
 Everything is built in ``<out>/.staging-<pid>/`` and moved into place before the manifest is written; a killed
 run leaves no manifest, and a rerun clears stale staging directories and old outputs first.
 
-Parallelism: ``cytonet.dask_cluster`` as set by ``--dask`` (the config's ``dask`` section): a ``LocalCluster`` of
+Parallelism: ``cytonet.preprocess.dask_cluster`` as set by ``--dask`` (the config's ``dask`` section): a ``LocalCluster`` of
 ``--threads`` single-threaded worker processes (``--threads 1`` runs in-process), or a dask-jobqueue
 ``SLURMCluster`` (``cluster: slurm``), or an existing scheduler (``--scheduler ADDRESS``). Each task writes whole
 shards; it opens the section itself and reads tiles through a small LRU cache, so patches that share image tiles
@@ -74,13 +74,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from cytonet.dask_cluster import (
+from cytonet.preprocess.dask_cluster import (
     BackgroundClient,
     parse_dask_config,
     wants_cluster,
     worker_count,
 )
-from cytonet.params import parse_params as read_params
+from cytonet.io.annotations import AnnotationError, is_set, load_labels, read_image
+from cytonet.io.params import parse_params as read_params
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ def allocate_counts(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def _default_opener(path: str, pixel_size_um: float | None = None, section_id: str | None = None):
-    from cytonet.readers import open_section
+    from cytonet.io.readers import open_section
 
     return open_section(path, pixel_size_um=pixel_size_um, section_id=section_id)
 
@@ -562,81 +563,20 @@ class SectionInfo:
     extra: dict = field(default_factory=dict)
 
 
-def _isset(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
-
-
-def _read_png(path: str | os.PathLike) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # full-res label images are legitimately huge
-    with Image.open(path) as im:
-        return np.asarray(im)
-
-
-def load_annotation(path: str | os.PathLike, section_id: str, areas: pd.DataFrame,
-                    shape: tuple[int, int], grid_shape: tuple[int, int]) -> np.ndarray:
-    """Label image of a section (PNG/TIFF, or GeoJSON rasterised on ``grid_shape``), checked against the areas."""
-    path = Path(path)
-    if not path.is_file():
-        raise PatchInputError(section_id, path, "annotation file not found")
-    try:
-        if path.suffix.lower() in (".geojson", ".json"):
-            labels = _rasterise_geojson(path, areas, shape, grid_shape)
-        elif path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            labels = tifffile.imread(path)
-        else:
-            labels = _read_png(path)
-    except PatchInputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise PatchInputError(section_id, path, f"cannot read annotation: {exc}") from exc
-    if labels.ndim != 2:
-        raise PatchInputError(section_id, path, f"annotation must be a single-channel label image, got shape {labels.shape}")
-    known = set(int(a) for a in areas["area_id"])
-    values = set(int(v) for v in np.unique(labels)) - {0}
-    unknown = sorted(values - known)
-    if unknown:
-        raise PatchInputError(section_id, path, f"annotation has label value(s) {unknown} not in the areas table")
-    return labels
-
-
-def _rasterise_geojson(path: Path, areas: pd.DataFrame, shape: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-    """Polygons (full-res pixel coordinates, property ``area`` = id or name) burnt into a label grid."""
-    from skimage.draw import polygon
-
-    by_name = {str(n): int(i) for i, n in zip(areas["area_id"], areas["name"])}
-    data = json.loads(path.read_text())
-    labels = np.zeros(grid, np.uint16)
-    sy, sx = grid[0] / shape[0], grid[1] / shape[1]
-    for feat in data.get("features", []):
-        area = feat.get("properties", {}).get("area")
-        value = by_name.get(str(area)) if str(area) in by_name else int(area)
-        geom = feat["geometry"]
-        polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
-        for poly in polys:
-            ring = np.asarray(poly[0], float)
-            rr, cc = polygon(ring[:, 1] * sy, ring[:, 0] * sx, grid)
-            labels[rr, cc] = value
-    return labels
-
-
 def inspect_section(row: Any, masks_dir: str | os.PathLike, areas: pd.DataFrame, base_dir: str | os.PathLike,
                     opener: Callable | None = None) -> tuple[SectionInfo, np.ndarray, np.ndarray | None]:
     """Open one section's image (metadata only), mask and annotation; raise ``PatchInputError`` on bad input."""
-    from cytonet.transforms import SectionTransform
+    from cytonet.io.transforms import SectionTransform
 
     sid = str(row["section_id"])
     image = row["image"]
-    if not _isset(image):
+    if not is_set(image):
         raise PatchInputError(sid, None, "no image given")
     image = str(image)
     if not Path(image).exists():
         raise PatchInputError(sid, image, "image file not found")
     px = row.get("pixel_size_um")
-    px = float(px) if _isset(px) else None
+    px = float(px) if is_set(px) else None
     opener = opener or _default_opener
     try:
         sec = opener(image, pixel_size_um=px, section_id=sid)
@@ -654,7 +594,7 @@ def inspect_section(row: Any, masks_dir: str | os.PathLike, areas: pd.DataFrame,
     if not mask_file.is_file():
         raise PatchInputError(sid, mask_file, "tissue mask not found")
     try:
-        mask = _read_png(mask_file)
+        mask = read_image(mask_file)
     except Exception as exc:  # noqa: BLE001
         raise PatchInputError(sid, mask_file, f"cannot read tissue mask: {exc}") from exc
     if mask.ndim == 3:
@@ -663,8 +603,11 @@ def inspect_section(row: Any, masks_dir: str | os.PathLike, areas: pd.DataFrame,
         raise PatchInputError(sid, f"{image} (mask {mask_file})", "empty section: the tissue mask holds no tissue")
     annotation = row.get("annotation")
     labels = None
-    if _isset(annotation):
-        labels = load_annotation(annotation, sid, areas, shape, mask.shape)
+    if is_set(annotation):
+        try:
+            labels = load_labels(annotation, sid, areas, shape)
+        except AnnotationError as exc:
+            raise PatchInputError(sid, exc.path, exc.problem) from exc
     try:
         transform = SectionTransform.from_spec(row["transform"], base_dir)
     except Exception as exc:  # noqa: BLE001
@@ -701,7 +644,7 @@ def extract_brain(
     """Sample and extract the patches of one brain into ``out`` (store, table, qc.csv, manifest.json last).
 
     ``sections`` is a sections table (``load_sections`` output: section_id, image, pixel_size_um, transform,
-    annotation). ``opener`` replaces ``cytonet.readers.open_section`` (for tests; must be picklable when
+    annotation). ``opener`` replaces ``cytonet.io.readers.open_section`` (for tests; must be picklable when
     ``threads > 1``). Returns the manifest.
     """
     import zarr
@@ -984,7 +927,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler to use instead")
     parser.add_argument("--dask", default=None, metavar="JSON",
                         help="where the Dask workers run: the config's dask section as a JSON object, or a YAML/JSON "
-                             "file of it (keys in cytonet.dask_cluster.DEFAULTS; default: a local cluster of "
+                             "file of it (keys in cytonet.preprocess.dask_cluster.DEFAULTS; default: a local cluster of "
                              "--threads workers)")
     parser.add_argument("--params", default=None, help="JSON object, or path to a JSON file, of parameters")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="set one parameter")
@@ -1008,7 +951,7 @@ def _cli_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cytonet patches``."""
-    from cytonet.tables import load_areas, load_brains, load_sections
+    from cytonet.io.tables import load_areas, load_brains, load_sections
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     params = parse_params(_cli_params(args))

@@ -1,0 +1,1 @@
+"""Training stages: SpatialNCE pretraining (``cytonet pretrain``) and area finetuning (``cytonet finetune``)."""
