@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install, run the whole workflow on the built-in demo brains
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, run the linters (make lint), then the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The workflow's shell rules call `cytonet`, so the venv comes first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv demo test dry-run report clean-results
+.PHONY: venv demo test lint pytest dry-run report clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,19 @@ report: venv
 dry-run: venv
 	$(BIN)/snakemake --profile profiles/local -n
 
-test: venv
+# ruff (pyproject.toml [tool.ruff]), snakefmt (pyproject.toml [tool.snakefmt]) and Snakemake's own linter on the
+# default (demo) config; `snakemake --lint` exits non-zero on any finding.
+lint: venv
+	$(BIN)/ruff check cytonet tests benchmarks scripts
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+# CI (`bash .ci/run`) runs `make test`: the linters first, then the test suite.
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The test suite alone, without the linters.
+pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-results:

@@ -7,9 +7,12 @@
 
 from cytonet.io.config import validate_config
 
+
 configfile: "config.yaml"
 
+
 report: "workflow/report/workflow.rst"
+
 
 # Validate before any job starts: unknown keys and wrong types stop here, naming the key. Defaults are filled in.
 _validated = validate_config(config)
@@ -17,6 +20,7 @@ config.clear()
 config.update(_validated)
 
 R = config["results"].rstrip("/")
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"

@@ -27,7 +27,7 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +230,7 @@ def machine() -> dict:
     import torch
 
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "load_avg": os.getloadavg(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def extrapolate_bigbrain(results: list[dict]) -> dict:
@@ -266,7 +266,8 @@ def report(results: list[dict], meta: dict, bigbrain: dict) -> str:
     lines = [f"Machine: {meta['nproc']} cores, {meta['cpu']}, torch {meta['torch']}, load avg {meta['load_avg']}, "
              f"{meta['date']}", "",
              "| case | image px (net res) | S | T | s | locations | dense MPix/s | naive MPix/s (extrap.) | "
-             "speed-up | ideal S²/max(T,s)² | of ideal | S²/T² | MONAI MPix/s | max Δp / agree (subset) | peak RSS MB |",
+             "speed-up | ideal S²/max(T,s)² | of ideal | S²/T² | MONAI MPix/s | max Δp / agree (subset) | "
+             "peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mon = f"{r['monai_mpix_s']:.3f}" if "monai_mpix_s" in r else "-"
@@ -311,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
-        print(f"{r['name']}: dense {r['dense_s']:.1f} s, speed-up {r['speedup']:.1f}x (ideal {r['ideal_speedup']:.0f}x), "
-              f"RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+        print(f"{r['name']}: dense {r['dense_s']:.1f} s, speed-up {r['speedup']:.1f}x "
+              f"(ideal {r['ideal_speedup']:.0f}x), RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
     bigbrain = extrapolate_bigbrain(results)
     out = Path(args.out) / ("bench_infer_quick.json" if args.quick else "bench_infer.json")
     out.write_text(json.dumps({"machine": meta, "results": results, "bigbrain": bigbrain}, indent=2))

@@ -84,8 +84,8 @@ def _positions(a: argparse.Namespace) -> tuple[int, int, np.ndarray]:
     """Level, factor and (y0, x0) level-pixel origins of the patches of the store (same as extraction)."""
     import pandas as pd
 
-    from cytonet.preprocess.patches import level_and_factor
     from cytonet.io.readers import open_section
+    from cytonet.preprocess.patches import level_and_factor
 
     sec = open_section(a.section)
     level, f = level_and_factor(sec, a.target_um)
@@ -102,7 +102,6 @@ def stage_naive(a: argparse.Namespace) -> dict:
     from multiprocessing import get_context
 
     import zarr
-
     from naive_extract import create_store, extract_chunk, read_patch
 
     level, fi, pos = _positions(a)
@@ -173,7 +172,8 @@ def stage_store(a: argparse.Namespace) -> dict:
         for i in idx:
             arr[int(i)]
         wall = time.perf_counter() - t0
-        out[name] = {"wall_s": wall, "patches_per_s": n / wall, "MB_per_s": n * arr.shape[1] * arr.shape[2] / wall / 1e6}
+        out[name] = {"wall_s": wall, "patches_per_s": n / wall,
+                     "MB_per_s": n * arr.shape[1] * arr.shape[2] / wall / 1e6}
     return out
 
 
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.stage:  # child
         res = STAGES[a.stage](a)
-        Path(a.work, f"{a.stage}.json").write_text(json.dumps(res, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        Path(a.work, f"{a.stage}.json").write_text(
+            json.dumps(res, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
         return 0
 
     size = a.size or (8192 if a.quick else 40000)
@@ -359,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["speedup_vs_naive_per_round"] = [round(x, 2) for x in per_round]
     if "extract" in results and "decode" in results:
         summary["extract_wall_over_full_decode"] = results["extract"]["wall_s"] / results["decode"]["wall_s"]
-        summary["extract_MBps_over_decode_MBps"] = ((results["extract"]["decoded_bytes"] / results["extract"]["wall_s"])
-                                                    / (results["decode"]["decoded_bytes"] / results["decode"]["wall_s"]))
+        summary["extract_MBps_over_decode_MBps"] = (
+            (results["extract"]["decoded_bytes"] / results["extract"]["wall_s"])
+            / (results["decode"]["decoded_bytes"] / results["decode"]["wall_s"]))
     if "mask" in results and "extract" in results:
         summary["peak_rss_mask_extract_gib"] = max(results["mask"]["peak_rss_bytes"],
                                                    results["extract"]["peak_rss_bytes"]) / gib

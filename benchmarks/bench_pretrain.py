@@ -19,7 +19,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,11 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from learning_fixtures import make_store  # noqa: E402
-
-from cytonet.nn.models import build_encoder  # noqa: E402
-from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs  # noqa: E402
 from cytonet.learn.pretrain import pretrain, spatial_nce_loss  # noqa: E402
+from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs  # noqa: E402
+from cytonet.nn.models import build_encoder  # noqa: E402
+from learning_fixtures import make_store  # noqa: E402
 
 
 def loader_rate(store: Path, batch: int, workers: int, n_batches: int, cache_mb: float | None = None) -> float:
@@ -78,7 +77,8 @@ def e2e_rate(store: Path, out: Path, encoder: str, batch: int, workers: int, ste
                             "radius_mm": 0.6, "checkpoint_every": 10**6, "threads": threads}, progress=False)
     log = pd.read_csv(out / "metrics.csv").iloc[1:]
     total = log["loader_wait_s"].sum() + log["step_s"].sum()
-    return {"pairs_per_s": round(batch * len(log) / total, 2), "wait_frac": round(log["loader_wait_s"].sum() / total, 3)}
+    return {"pairs_per_s": round(batch * len(log) / total, 2),
+            "wait_frac": round(log["loader_wait_s"].sum() / total, 3)}
 
 
 def main() -> int:
@@ -117,7 +117,8 @@ def main() -> int:
                 row["e2e"] = e2e_rate(store, Path(tmp) / f"run{px}{enc}", enc, batch, args.workers, n_e2e, args.threads)
             results.append(row)
             print(json.dumps(row), flush=True)
-    info = {"load_avg_1m": round(os.getloadavg()[0], 2), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
+    info = {"load_avg_1m": round(os.getloadavg()[0], 2), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": platform.node(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
             "workers": args.workers, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "results": results}
     print(f"\n{'encoder':10} {'px':>5} {'batch':>5} {'loader pairs/s':>15} {'chunk reads':>12} {'step pairs/s':>13} "

@@ -2,13 +2,17 @@
 
 Each sub-command lives in its stage module, which defines ``configure_parser(parser)`` and ``run(args) -> int``.
 Modules are imported only when their command runs, so light commands (masking, patches) never import torch.
+Logging is set up once here: ``cytonet -v COMMAND ...`` shows debug lines, ``cytonet -q COMMAND ...`` only warnings.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+
+from cytonet.io.logs import setup_logging
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-demo": ("cytonet.synth.cli", "generate the demo brains (or one brain, or a benchmark section)"),
     "mask": ("cytonet.preprocess.mask", "compute the tissue mask of an image or a section"),
     "patches": ("cytonet.preprocess.patches", "sample and extract patches of one brain into a Zarr store"),
-    "pretrain": ("cytonet.learn.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun/single)"),
+    "pretrain": ("cytonet.learn.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun)"),
     "finetune": ("cytonet.learn.finetune", "train an area classifier on the labelled patches of the known brains"),
     "evaluate": ("cytonet.analysis.evaluate", "classification metrics of the models on known and unknown brains"),
     "infer": ("cytonet.mapping.infer", "map a whole section: probability, area and entropy maps"),
@@ -30,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Return the top-level parser; only ``command``'s own options are built (its module is imported)."""
     parser = argparse.ArgumentParser(prog="cytonet", description=__doc__.splitlines()[0])
+    # Own dests: a sub-command may have a --quiet of its own (embed), whose default would overwrite ours.
+    parser.add_argument("-v", "--verbose", action="count", default=0, dest="log_verbose",
+                        help="more log lines (-v: debug lines of cytonet, -vv: of every library too)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, dest="log_quiet",
+                        help="fewer log lines (-q: warnings only, -qq: errors only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,18 +49,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_LOG_FLAG = re.compile(r"-[vq]+|--verbose|--quiet")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in argv, after any leading -v/-q flags."""
+    return next((a for a in argv if not _LOG_FLAG.fullmatch(a)), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cytonet`` command."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
+    setup_logging(args.log_verbose - args.log_quiet)
     module = importlib.import_module(args._module)
     return int(module.run(args) or 0)
-
-
-def stage_main(module: str, argv: list[str] | None = None) -> int:
-    """Run the command of one stage module, as ``python -m cytonet.<module>`` does (e.g. under torchrun)."""
-    command = next(name for name, (module_name, _) in COMMANDS.items() if module_name == module)
-    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

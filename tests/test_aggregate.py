@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
 from cytonet.analysis import aggregate as ag
 from cytonet.analysis import section_metrics as sm
+from cytonet.cli import main as cli_main
 from cytonet.mapping.smooth3d import write_maps
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
@@ -64,7 +64,7 @@ def fake_results(tmp_path_factory):
                 sm.atomic_write_csv(path.with_suffix(".csv"), table)
                 summaries.append(path)
     out = root / "results" / "summary"
-    assert ag.main(["--metrics", *map(str, summaries), "--out", str(out), "--montage-width", "1200"]) == 0
+    assert cli_main(["aggregate", "--metrics", *map(str, summaries), "--out", str(out), "--montage-width", "1200"]) == 0
     return root, out, cells
 
 
@@ -158,7 +158,7 @@ def test_maps_index_paths_are_relative_and_move_with_the_results(fake_results, t
 
 def test_montage_per_brain(fake_results):
     _, out, _ = fake_results
-    for b, (role, n, _) in BRAINS.items():
+    for b, (_role, n, _) in BRAINS.items():
         path = out / f"montage_{b}.png"
         with Image.open(path) as im:
             assert im.info["cytonet:panels"] == str(n)
@@ -182,7 +182,7 @@ def test_montage_from_area_maps(fake_results, tmp_path):
 def test_duplicate_and_empty_inputs_are_refused(fake_results, tmp_path):
     root, _, _ = fake_results
     one = next((root / "metrics" / "cytonet").glob("*.json"))
-    assert ag.main(["--metrics", str(one), str(one), "--out", str(tmp_path)]) == 2
+    assert cli_main(["aggregate", "--metrics", str(one), str(one), "--out", str(tmp_path)]) == 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"brain": "x"}))
-    assert ag.main(["--metrics", str(bad), "--out", str(tmp_path)]) == 2
+    assert cli_main(["aggregate", "--metrics", str(bad), "--out", str(tmp_path)]) == 2

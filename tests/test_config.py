@@ -23,7 +23,8 @@ def test_repository_config_is_valid(repo):
 
 
 def test_misspelt_key_is_named_with_suggestion():
-    with pytest.raises(ConfigError, match=r"unknown config key 'mask\.resolutoin_um' \(did you mean 'resolution_um'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'mask\.resolutoin_um' \(did you mean 'resolution_um'\?\)"):
         validate_config({"mask": {"resolutoin_um": 16}})
 
 
@@ -68,12 +69,14 @@ def test_demo_schema_mirrors_generator_parameters(repo):
     DemoParams.from_cfg({k: v for k, v in validate_config({})["demo"].items() if k != "enabled"})
 
 
-@pytest.mark.parametrize("stage, attribute", [("pretrain", "DEFAULTS"), ("finetune", "DEFAULTS"),
-                                              ("patches", "DEFAULT_PARAMS"), ("dask_cluster", "DEFAULTS")])
+@pytest.mark.parametrize("stage, attribute", [("learn.pretrain", "DEFAULTS"), ("learn.finetune", "DEFAULTS"),
+                                              ("preprocess.patches", "DEFAULT_PARAMS"),
+                                              ("preprocess.dask_cluster", "DEFAULTS")])
 def test_stage_schema_mirrors_module_defaults(repo, stage, attribute):
     import importlib
 
     defaults = getattr(importlib.import_module(f"cytonet.{stage}"), attribute)
+    stage = stage.split(".")[-1]
     schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"][stage.removesuffix("_cluster")]["properties"]
     assert set(props) == set(defaults)

@@ -1,4 +1,5 @@
-"""cytonet.preprocess.dask_cluster: a LocalCluster sized from threads, and the SLURMCluster a `cluster: slurm` config asks for.
+"""cytonet.preprocess.dask_cluster: a LocalCluster sized from threads, and the SLURMCluster a `cluster: slurm` config
+asks for.
 
 The SLURMCluster is only constructed and its job script rendered (its scheduler starts in-process); nothing is
 submitted, so these tests need no Slurm.

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store
-
 from cytonet.analysis import embed as E
+from cytonet.io.annotations import labels_at
+from learning_fixtures import make_store
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -45,7 +45,7 @@ def test_lookup_labels_on_downsampled_grid() -> None:
     labels = np.array([[1, 2], [3, 4]], np.uint8)  # a 2x2 grid spanning a 100x100 full-res image
     x = np.array([0.0, 49.0, 50.0, 99.0, 10.0])
     y = np.array([0.0, 49.0, 10.0, 99.0, 75.0])
-    assert E.lookup_labels(labels, (100, 100), x, y).tolist() == [1, 1, 2, 4, 3]
+    assert labels_at(labels, (100, 100), x, y).tolist() == [1, 1, 2, 4, 3]
 
 
 # ------------------------------------------------------------------------------------------------ metrics

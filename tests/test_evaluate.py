@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store  # noqa: E402
-
 from cytonet.analysis.baselines import fit_profile_baseline, predict_profile_baseline, profile_features  # noqa: E402
-from cytonet.analysis.evaluate import (_label_lookup, classification_metrics, ground_truth_labels, main,  # noqa: E402
-                              split_masks)
+from cytonet.analysis.evaluate import classification_metrics, ground_truth_labels, split_masks
+from cytonet.cli import main as cli_main  # noqa: E402
+from cytonet.io.annotations import labels_at as _label_lookup  # noqa: E402
+from learning_fixtures import make_store  # noqa: E402
 
 GRID = 6  # learning_fixtures patches sit at x_px, y_px = 100 * g + 50; areas are bands along x
 IMAGE_PX = 600
@@ -57,7 +57,8 @@ def world(tmp_path_factory) -> dict:
                                  transform="0.002 0 0 0 0 0.002 0 0 0 0 0 " + str(0.4 * s),
                                  ground_truth=f"truth/{sid}_area.png"))
         pd.DataFrame(sec_rows).to_csv(d / "sections.csv", index=False)
-        rows.append(dict(brain_id=brain, sections=f"{brain}/sections.csv", role="known" if brain == "k1" else "unknown"))
+        rows.append(dict(brain_id=brain, sections=f"{brain}/sections.csv",
+                         role="known" if brain == "k1" else "unknown"))
     pd.DataFrame(rows).to_csv(tables / "brains.csv", index=False)
     # Area 4 never occurs anywhere: it must not count in macro-F1.
     pd.DataFrame(dict(area_id=[1, 2, 3, 4], name=["FA", "FB", "PA", "XX"],
@@ -192,7 +193,7 @@ def test_cli_end_to_end(world, tmp_path: Path, capsys) -> None:
             *sum((["--model", f"{n}={p}"] for n, p in cks), []),
             "--profile-baseline-seeds", "0", "1", "--out", str(out), "--threads", "1", "--no-progress",
             "--device", "cpu"]
-    assert main(argv) == 0
+    assert cli_main(["evaluate", *argv]) == 0
     printed = capsys.readouterr().out
     assert "±" in printed
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store  # noqa: E402
-
 from cytonet.learn.finetune import balanced_sampler, finetune, training_rows
 from cytonet.nn.checkpoints import predict
-from cytonet.nn.data import split_by_section  # noqa: E402
-from cytonet.nn.data import PatchStores  # noqa: E402
+from cytonet.nn.data import (
+    PatchStores,  # noqa: E402
+    split_by_section,  # noqa: E402
+)
+from learning_fixtures import make_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")

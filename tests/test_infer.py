@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from cytonet.io import maps
 from cytonet.mapping import infer as infer
 
 PX_UM = 2.0       # section pixel size = network resolution in these tests
@@ -77,7 +78,8 @@ def tiny_model(image: np.ndarray, area: np.ndarray, steps: int = 60, seed: int =
         # half isolated windows (what the naive path and finetune see), half windows pooled inside their context
         # (what the dense path sees): the test classifier must not depend on the zero frame of a 4x4-cell window
         iso = np.stack([pad[y - S // 2:y + S // 2, x - S // 2:x + S // 2] for y, x in zip(cy[:8], cx[:8])])
-        ctx = np.stack([pad[y - S // 2 - m:y + S // 2 + m, x - S // 2 - m:x + S // 2 + m] for y, x in zip(cy[8:], cx[8:])])
+        ctx = np.stack([pad[y - S // 2 - m:y + S // 2 + m, x - S // 2 - m:x + S // 2 + m]
+                        for y, x in zip(cy[8:], cx[8:])])
         f_iso = dm.trunk(dm.preprocess(torch.from_numpy(iso))).mean((2, 3))
         c = m // dm.net_stride
         f_ctx = dm.trunk(dm.preprocess(torch.from_numpy(ctx)))[:, :, c:c + K, c:c + K].mean((2, 3))
@@ -185,7 +187,7 @@ def test_outputs(dense_naive, model):
     assert len(img.data) >= 2
     root = zarr.open_group(str(zpath), mode="r")
     ome = root.attrs["ome"]
-    assert ome["version"] == infer.NGFF_VERSION
+    assert ome["version"] == maps.NGFF_VERSION
     m = ome["multiscales"][0]
     assert [a["name"] for a in m["axes"]] == ["c", "y", "x"]
     assert [a["type"] for a in m["axes"]] == ["channel", "space", "space"]
@@ -198,7 +200,7 @@ def test_outputs(dense_naive, model):
     assert np.allclose(p[:, inside].sum(0), 1, atol=1e-4)
     assert np.isnan(p[:, ~inside]).all() and (~inside).sum() > 100
     lab = root["labels/areas/0"][...]
-    assert (lab[~inside] == 0).all() and set(np.unique(lab[inside])) <= {1, 2, 3, infer.UNCERTAIN_U8}
+    assert (lab[~inside] == 0).all() and set(np.unique(lab[inside])) <= {1, 2, 3, maps.UNCERTAIN_U8}
     ent = root["entropy/0"][...]
     assert np.nanmin(ent) >= 0 and np.nanmax(ent) <= 1 and np.isnan(ent[~inside]).all()
     png = np.asarray(Image.open(res.paths["areas_png"]))
@@ -219,10 +221,10 @@ def test_uncertain_label(tmp_path, section, model):
     res = _run(tmp_path / "a", section, model, uncertain_below=1.01, tile_px=512)
     lab = zarr.open_group(str(res.paths["zarr"]), mode="r")["labels/areas/0"][...]
     inside = lab > 0
-    assert (lab[inside] == infer.UNCERTAIN_U8).all()
+    assert (lab[inside] == maps.UNCERTAIN_U8).all()
     res = _run(tmp_path / "b", section, model, uncertain_below=0.0, tile_px=512)
     lab = zarr.open_group(str(res.paths["zarr"]), mode="r")["labels/areas/0"][...]
-    assert not (lab == infer.UNCERTAIN_U8).any()
+    assert not (lab == maps.UNCERTAIN_U8).any()
 
 
 def test_tile_size_invariance(tmp_path, section, model, dense_naive):

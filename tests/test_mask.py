@@ -11,9 +11,8 @@ from PIL import Image
 from scipy import ndimage
 
 from cytonet.cli import main as cli_main
-from cytonet.preprocess.mask import EmptySectionError, compute_mask, mask_image
 from cytonet.io.readers import open_section
-
+from cytonet.preprocess.mask import EmptySectionError, compute_mask, mask_image
 from test_readers import write_pyramid_tiff
 
 

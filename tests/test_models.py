@@ -11,11 +11,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store  # noqa: E402
-
+from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, augment, plain  # noqa: E402
 from cytonet.nn.distributed import detect_env, local_world_size, slurm_port  # noqa: E402
 from cytonet.nn.models import build_encoder, normalize_uint8  # noqa: E402
-from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, augment, plain  # noqa: E402
+from learning_fixtures import make_store  # noqa: E402
 
 
 @pytest.mark.parametrize("name,px", [("small", 64), ("resnet50", 64), ("resnet101", 32)])

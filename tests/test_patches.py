@@ -17,8 +17,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from cytonet.preprocess import patches as P
 from cytonet.io.transforms import SectionTransform
+from cytonet.preprocess import extraction
+from cytonet.preprocess import patches as P
 
 PX0 = 2.0  # full-res µm/px of the test sections
 H0, W0 = 1024, 1280
@@ -174,7 +175,7 @@ def test_patch_pixels_equal_expected_region(brain, tmp_path, um):
 def test_direct_tile_decoding_equals_reader_regions(brain, tmp_path, monkeypatch):
     """The fast path (decoding TIFF tiles directly) and the reader's region() give the same store."""
     extract(brain, tmp_path / "fast", count=10)
-    monkeypatch.setattr(P, "_open_tiff_level", lambda section, level: None)
+    monkeypatch.setattr(extraction, "_open_tiff_level", lambda section, level: None)
     extract(brain, tmp_path / "slow", count=10)
     a = zarr.open(tmp_path / "fast" / "patches.zarr", mode="r")["patches"][:]
     b = zarr.open(tmp_path / "slow" / "patches.zarr", mode="r")["patches"][:]

@@ -18,11 +18,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_fixtures import make_store  # noqa: E402
-
+from cytonet.learn.pretrain import (  # noqa: E402
+    negative_weights,
+    pretrain,
+    spatial_nce_logits,
+    spatial_nce_loss,
+    validate_config,
+    weighted_info_nce,
+)
 from cytonet.nn import distributed as cdist  # noqa: E402
-from cytonet.learn.pretrain import (negative_weights, pretrain, spatial_nce_logits, spatial_nce_loss,  # noqa: E402
-                              validate_config, weighted_info_nce)
+from learning_fixtures import make_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +136,7 @@ def test_ddp_two_ranks_gloo(store: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- kill and resume
 def _cmd(store: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "cytonet.learn.pretrain", "--store", str(store), "--out", str(out), "--no-progress",
+    return [sys.executable, "-m", "cytonet", "pretrain", "--store", str(store), "--out", str(out), "--no-progress",
             "--param", f"steps={steps}", "--param", "batch_size=4", "--param", "checkpoint_every=5",
             "--param", "num_workers=0", "--param", "radius_mm=0.6", "--threads", "1"]
 
@@ -199,8 +204,8 @@ def _cohens_d(model, store: Path, radius: float) -> tuple[float, float, float]:
 
 
 def test_loss_decreases_and_close_patches_embed_closer(store: Path, tmp_path: Path) -> None:
-    from cytonet.nn.models import build_encoder
     from cytonet.nn.checkpoints import load_encoder
+    from cytonet.nn.models import build_encoder
 
     pretrain([store], tmp_path, {"steps": 80, "batch_size": 32, "lr": 3e-3, "radius_mm": 0.6, "temperature": 0.2,
                                  "num_workers": 1, "checkpoint_every": 1000, "threads": 1}, progress=False)

@@ -7,7 +7,6 @@ its directory lock, so recovery is `snakemake --unlock` and then the same comman
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

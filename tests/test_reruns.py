@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     """
     work = reference_run(tmp_path_factory)
     saved = {p: p.read_bytes() for p in [work / "config.yaml", *work.glob("resources/demo/*/sections.csv"),
-                                         *work.glob("cytonet/*.py")]}
+                                         *work.glob("cytonet/**/*.py")]}
     yield work
     for path, data in saved.items():
         if path.read_bytes() != data:
@@ -101,20 +101,40 @@ def test_added_section_and_changed_pretrain_param_in_one_run(run):
     assert jobs.get("mask") == 1 and jobs.get("patches") == 1, jobs
 
 
+def _edit(run, module: str) -> None:
+    path = run / "cytonet" / module
+    path.write_text(path.read_text() + "\n# edited by test_reruns\n")
+
+
 def test_code_change_of_one_module_reruns_that_stage(run):
-    """Editing a module (in the copy) reruns the stages whose fingerprint includes it, nothing upstream."""
-    module = run / "cytonet" / "section_metrics.py"
-    module.write_text(module.read_text() + "\n# edited by test_reruns\n")
+    """Editing a stage module (in the copy) reruns that stage and what reads its outputs, nothing upstream."""
+    _edit(run, "analysis/section_metrics.py")
     jobs = dry_run_jobs(run)
     assert set(jobs) - {"all"} == {"section_metrics", "aggregate"}, jobs
     assert jobs["section_metrics"] == 4
 
 
 def test_code_change_of_mask_module_reruns_masking(run):
-    module = run / "cytonet" / "mask.py"
-    module.write_text(module.read_text() + "\n# edited by test_reruns\n")
+    _edit(run, "preprocess/mask.py")
     jobs = dry_run_jobs(run)
     assert jobs.get("mask") == 4, jobs
+
+
+def test_code_change_of_a_shared_module_reruns_every_stage_that_imports_it(run):
+    """io/metrics.py is imported by section metrics, aggregation and evaluation (listed by no rule): exactly those
+    rerun (evaluation through its training spec), nothing that does not import it."""
+    _edit(run, "io/metrics.py")
+    jobs = dry_run_jobs(run)
+    assert set(jobs) - {"all"} == {"section_metrics", "aggregate", "evaluate", "training_spec"}, jobs
+    assert jobs["training_spec"] == 1  # evaluate's spec only: pretraining and finetuning do not import it
+
+
+def test_code_change_outside_the_closure_reruns_nothing_else(run):
+    """The Dask cluster module decides where a store is computed, not what is in it: stores rebuild, no training."""
+    _edit(run, "preprocess/dask_cluster.py")
+    jobs = dry_run_jobs(run)
+    assert jobs.get("patches") == 2, jobs
+    assert not {"mask", "pretrain", "finetune", "evaluate"} & set(jobs), jobs
 
 
 def test_every_config_section_reaches_a_rule(run):

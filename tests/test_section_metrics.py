@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
 from cytonet.analysis import section_metrics as sm
+from cytonet.cli import main as cli_main
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
          {"area_id": 3, "name": "OC", "color": "#4daf4a"}]
@@ -133,7 +134,8 @@ def test_cli_section_with_ground_truth(tmp_path):
     pred[2, 3] = 2  # OC predicted as PB
     write_fake_prediction(tmp_path / "pred", "b1_s000", pred, 64.0, 8.0)
     brains = _tables(tmp_path, str(tmp_path / "gt.png"))
-    rc = sm.main(["--brains", str(brains), "--brain", "b1", "--section", "b1_s000", "--pred", str(tmp_path / "pred"),
+    rc = cli_main(["section-metrics", "--brains", str(brains), "--brain", "b1", "--section", "b1_s000",
+                   "--pred", str(tmp_path / "pred"),
                   "--out-csv", str(tmp_path / "m.csv"), "--out-json", str(tmp_path / "m.json")])
     assert rc == 0
     table = pd.read_csv(tmp_path / "m.csv")
@@ -166,18 +168,18 @@ def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path, monkeypatch):
     one_model = ["--pred", str(tmp_path / "pred"), "--out-csv", str(tmp_path / "m.csv"), "--out-json",
                  str(tmp_path / "m.json")]
     base = ["--brains", str(brains), "--brain", "b1", "--section", "b1_s000"]
-    assert sm.main(base + one_model) == 0
+    assert cli_main(["section-metrics", *base, *one_model]) == 0
     # several models' maps in one call: a table and summary per model; unpaired options are refused
     two = ["--model", "a", *one_model, "--model", "b", "--pred", str(tmp_path / "pred2"), "--out-csv",
            str(tmp_path / "b.csv"), "--out-json", str(tmp_path / "b.json")]
     reads = []
     real = sm.ground_truth_on_grid
     monkeypatch.setattr(sm, "ground_truth_on_grid", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
-    assert sm.main(base + two) == 0
+    assert cli_main(["section-metrics", *base, *two]) == 0
     assert len(reads) == 1  # both models' maps share the grid: the ground truth is read once
     other = json.loads((tmp_path / "b.json").read_text())
     assert other["model"] == "b" and other["accuracy_argmax"] == pytest.approx(2 / 10)  # only two OC cells right
-    assert sm.main(base + two[:-2]) == 2
+    assert cli_main(["section-metrics", *base, *two[:-2]]) == 2
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["accuracy"] == pytest.approx(8 / 10) and summary["accuracy_argmax"] == pytest.approx(9 / 10)
     f1_fa, f1_pb, f1_oc = 1.0, 2 * 3 / (2 * 3 + 1), 2 * 2 / (2 * 2 + 1)
@@ -189,7 +191,8 @@ def test_argmax_metrics_ignore_the_uncertainty_threshold(tmp_path, monkeypatch):
 def test_cli_section_without_ground_truth(tmp_path):
     write_fake_prediction(tmp_path / "pred", "b1_s000", np.ones((3, 4), np.uint8), 64.0, 8.0)
     brains = _tables(tmp_path, None)
-    rc = sm.main(["--brains", str(brains), "--brain", "b1", "--section", "b1_s000", "--pred", str(tmp_path / "pred"),
+    rc = cli_main(["section-metrics", "--brains", str(brains), "--brain", "b1", "--section", "b1_s000",
+                   "--pred", str(tmp_path / "pred"),
                   "--out-csv", str(tmp_path / "m.csv"), "--out-json", str(tmp_path / "m.json"), "--model", "random"])
     assert rc == 0
     table = pd.read_csv(tmp_path / "m.csv")
@@ -203,6 +206,7 @@ def test_mismatched_ground_truth_is_refused(tmp_path):
     write_fake_prediction(tmp_path / "pred", "b1_s000", np.ones((3, 4), np.uint8), 64.0, 8.0)
     Image.fromarray(np.ones((100, 20), np.uint8)).save(tmp_path / "gt.png")
     brains = _tables(tmp_path, str(tmp_path / "gt.png"))
-    rc = sm.main(["--brains", str(brains), "--brain", "b1", "--section", "b1_s000", "--pred", str(tmp_path / "pred"),
+    rc = cli_main(["section-metrics", "--brains", str(brains), "--brain", "b1", "--section", "b1_s000",
+                   "--pred", str(tmp_path / "pred"),
                   "--out-csv", str(tmp_path / "m.csv"), "--out-json", str(tmp_path / "m.json")])
     assert rc == 2 and not (tmp_path / "m.csv").exists()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cytonet.mapping import smooth3d as s3
+from cytonet.cli import main as cli_main
 from cytonet.io.transforms import SectionTransform
+from cytonet.mapping import smooth3d as s3
 
 AREAS = [{"area_id": 1, "name": "FA", "color": "#e41a1c"}, {"area_id": 2, "name": "PB", "color": "#377eb8"},
          {"area_id": 3, "name": "OC", "color": "#4daf4a"}]
@@ -128,7 +128,8 @@ def test_cli_round_trip_in_infer_formats(tmp_path):
     pd.DataFrame(rows[::-1]).to_csv(tmp_path / "sections.csv", index=False)  # table order != z order
     pd.DataFrame([{"brain_id": "b", "sections": "sections.csv", "role": "unknown"}]).to_csv(
         tmp_path / "brains.csv", index=False)
-    rc = s3.main(["--brains", str(tmp_path / "brains.csv"), "--brain", "b", "--pred", str(tmp_path / "pred"),
+    rc = cli_main(["smooth3d", "--brains", str(tmp_path / "brains.csv"), "--brain", "b",
+                   "--pred", str(tmp_path / "pred"),
                   "--out", str(tmp_path / "{brain}_smooth"), "--sigma-um", "150", "--neighbours", "1", "--no-image"])
     assert rc == 0
     out = tmp_path / "b_smooth"

@@ -108,7 +108,8 @@ def test_transform_affine_and_field(tmp_path):
 
 
 def test_optional_path_columns_may_be_empty(images):
-    table = write(images / "s.csv", f"section_id,image,z_um,transform,annotation\ns1,a.png,0,{AFFINE},b.png\ns2,a.png,1,{AFFINE},\n")
+    table = write(images / "s.csv",
+                  f"section_id,image,z_um,transform,annotation\ns1,a.png,0,{AFFINE},b.png\ns2,a.png,1,{AFFINE},\n")
     sections = load_sections(table)
     assert sections.annotation[0] == str((images / "b.png").resolve())
     assert sections.annotation.isna()[1]

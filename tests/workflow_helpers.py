@@ -44,7 +44,8 @@ TINY_CONFIG: dict[str, Any] = {
     "launch": {"nproc": 2},  # 2 DDP ranks (gloo): spawned locally, started by srun under Slurm
 }
 
-COPIED = ["Snakefile", "workflow", "profiles", "config", "cytonet", "docs", "benchmarks/out/infer/bench_infer.json", "pyproject.toml"]
+COPIED = ["Snakefile", "workflow", "profiles", "config", "cytonet", "docs", "envs",
+          "benchmarks/out/infer/bench_infer.json", "pyproject.toml"]
 
 
 def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:

@@ -32,8 +32,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -391,14 +392,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"aggregate: {len(args.metrics)} section summaries -> {len(written)} files in {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.analysis.aggregate ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.analysis.aggregate", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -179,7 +179,8 @@ def fit_profile_baseline(patches: np.ndarray, labels: np.ndarray, seed: int = 0)
 def predict_profile_baseline_features(model: ProfileBaseline, features: np.ndarray) -> np.ndarray:
     """Class probabilities float32 [N, n_classes] (columns in model.classes order) from precomputed features."""
     if model.feature_version != FEATURE_VERSION:
-        raise ValueError(f"baseline was fitted with feature version {model.feature_version}, code has {FEATURE_VERSION}")
+        raise ValueError(f"baseline was fitted with feature version {model.feature_version}, "
+                         f"code has {FEATURE_VERSION}")
     if len(features) == 0:
         return np.zeros((0, len(model.classes)), np.float32)
     return model.pipeline.predict_proba(features).astype(np.float32)

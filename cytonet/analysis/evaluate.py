@@ -26,12 +26,11 @@ import argparse
 import math
 import os
 import re
-import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -76,7 +75,8 @@ def ground_truth_labels(store_dir: str | Path, sections_table: str | Path | pd.D
         row = secs.loc[sid]
         gt = row.get("ground_truth")
         if not is_set(gt):
-            warnings.warn(f"{store_dir}: section '{sid}' has no ground_truth; its {len(idx)} patches are not evaluated")
+            warnings.warn(f"{store_dir}: section '{sid}' has no ground_truth; its {len(idx)} patches are not evaluated",
+                          stacklevel=2)
             continue
         px = row.get("pixel_size_um")
         px = float(px) if is_set(px) else None
@@ -228,7 +228,8 @@ def parse_model_specs(specs: Sequence[str]) -> list[ModelRun]:
         taken = {r.seed for r in runs if r.model == name}
         if seed is None or int(seed) in taken:
             if seed is not None:
-                warnings.warn(f"--model {spec!r}: seed {seed} already used by model '{name}'; numbering by position")
+                warnings.warn(f"--model {spec!r}: seed {seed} already used by model '{name}'; numbering by position",
+                              stacklevel=2)
             seed = max(taken | {-1}) + 1
         runs.append(ModelRun(name, int(seed), path))
     return runs
@@ -345,31 +346,34 @@ def plot_macro_f1(summary: pd.DataFrame, models: Sequence[str], path: Path) -> N
 
 # -------------------------------------------------------------------------------------------------- driver
 def _metric_rows(model: str, seed: int, split: str, res: dict, names: Sequence[str]) -> list[dict]:
-    rows = [{"model": model, "seed": seed, "split": split, "metric": "accuracy", "area": "all", "value": res["accuracy"]},
-            {"model": model, "seed": seed, "split": split, "metric": "macro_f1", "area": "all", "value": res["macro_f1"]},
+    rows = [{"model": model, "seed": seed, "split": split, "metric": "accuracy", "area": "all",
+             "value": res["accuracy"]},
+            {"model": model, "seed": seed, "split": split, "metric": "macro_f1", "area": "all",
+             "value": res["macro_f1"]},
             {"model": model, "seed": seed, "split": split, "metric": "n_patches", "area": "all", "value": res["n"]}]
     for name, f1, sup in zip(names, res["f1"], res["support"]):
         rows.append({"model": model, "seed": seed, "split": split, "metric": "f1", "area": name, "value": f1})
-        rows.append({"model": model, "seed": seed, "split": split, "metric": "support", "area": name, "value": int(sup)})
+        rows.append({"model": model, "seed": seed, "split": split, "metric": "support", "area": name,
+                     "value": int(sup)})
     return rows
 
 
-def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table: str | Path,
-             runs: Sequence[ModelRun], out_dir: str | Path, baseline_seeds: Sequence[int] = (),
-             baseline_name: str = BASELINE_NAME, baseline_val_fraction: float | None = None,
-             device: str = "cpu", batch_size: int = 128, block: int = 2048, progress: bool = True) -> dict:
-    """Evaluate every run (and the profile baseline per seed) on the known/unknown/all splits; write outputs."""
-    import torch
+@dataclass
+class _EvalInputs:
+    """The areas (class order) and the stores to evaluate, with ground truth as class indices."""
 
-    from cytonet.analysis.baselines import fit_profile_baseline_features, predict_profile_baseline_features, \
-        profile_features, save_baseline
-    from cytonet.nn.checkpoints import load_classifier, predict
-    from cytonet.nn.data import DEFAULT_VAL_FRACTION, split_by_section
+    area_ids: list[int]
+    names: list[str]
+    lut: dict[int, int]  # area id -> class index
+    data: list[EvalStore]
+    ums: set  # pixel sizes of the stores (at most one value)
+    truth_idx: list[np.ndarray]  # per store: class index of the ground truth, -1 where not evaluated
+
+
+def _load_inputs(stores: Sequence[str | Path], brains_table: str | Path, areas_table: str | Path) -> _EvalInputs:
+    """Areas table and stores; the stores must share one pixel size."""
     from cytonet.io.tables import load_areas
 
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     areas = load_areas(areas_table)
     area_ids = [int(a) for a in areas["area_id"]]
     names = [str(n) for n in areas["name"]]
@@ -380,90 +384,103 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
         raise ValueError(f"stores have different pixel sizes: {sorted(ums)}")
     # Ground truth as class indices per store (-1 where not evaluated).
     truth_idx = [np.array([lut.get(int(v), -1) for v in st.truth], np.int64) for st in data]
+    return _EvalInputs(area_ids, names, lut, data, ums, truth_idx)
 
-    all_runs: list[ModelRun] = list(runs) + [ModelRun(baseline_name, int(s)) for s in baseline_seeds]
-    models = list(dict.fromkeys(r.model for r in all_runs))
-    if not all_runs:
-        raise ValueError("nothing to evaluate: give --model NAME=classifier.pt and/or --profile-baseline-seeds")
 
-    # Baseline features: computed once (block-wise) for training and evaluation rows, reused for every seed.
+def _baseline_features(data: Sequence[EvalStore], block: int) -> tuple[list[np.ndarray], pd.DataFrame]:
+    """Profile features of every store's training and evaluation rows (computed once, block-wise, reused for
+    every seed; NaN elsewhere) and the table of the training rows (brain, section, area_id, store, row)."""
+    from cytonet.analysis.baselines import profile_features
+
     feats: list[np.ndarray] = []
-    train_table = None
-    if baseline_seeds:
-        for st in data:
-            rows = np.union1d(st.eval_rows, st.train_rows)
-            f = np.zeros((len(st.table), 0), np.float32)
-            for sel, patches in iter_blocks(st.path, rows, block):
-                ff = profile_features(patches)
-                if f.shape[1] == 0:
-                    f = np.full((len(st.table), ff.shape[1]), np.nan, np.float32)
-                f[sel] = ff
-            feats.append(f)
-        parts = [st.table.iloc[st.train_rows][["brain", "section", "area_id"]].assign(store=k, row=st.train_rows)
-                 for k, st in enumerate(data) if len(st.train_rows)]
-        if not parts:
-            raise ValueError("profile baseline: no labelled patches (labelled, area_id > 0) of known brains")
-        train_table = pd.concat(parts, ignore_index=True)
-    vf = float(DEFAULT_VAL_FRACTION if baseline_val_fraction is None else baseline_val_fraction)
+    for st in data:
+        rows = np.union1d(st.eval_rows, st.train_rows)
+        f = np.zeros((len(st.table), 0), np.float32)
+        for sel, patches in iter_blocks(st.path, rows, block):
+            ff = profile_features(patches)
+            if f.shape[1] == 0:
+                f = np.full((len(st.table), ff.shape[1]), np.nan, np.float32)
+            f[sel] = ff
+        feats.append(f)
+    parts = [st.table.iloc[st.train_rows][["brain", "section", "area_id"]].assign(store=k, row=st.train_rows)
+             for k, st in enumerate(data) if len(st.train_rows)]
+    if not parts:
+        raise ValueError("profile baseline: no labelled patches (labelled, area_id > 0) of known brains")
+    return feats, pd.concat(parts, ignore_index=True)
 
-    metric_rows: list[dict] = []
-    conf_sum: dict[tuple[str, str], np.ndarray] = {}
-    pred_tables = []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(all_runs, desc="evaluate", unit="model", disable=not progress, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        bar = all_runs
-    for run in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{run.model} seed {run.seed}")
-        if run.checkpoint is not None:
-            model, ck = load_classifier(run.checkpoint, device)
-            cu = ck.get("pixel_size_um")
-            if cu is not None and ums and abs(float(cu) - float(next(iter(ums)))) > 1e-3 * float(cu):
-                raise ValueError(f"{run.checkpoint}: trained at {cu} µm/px but the stores are at {next(iter(ums))} µm/px")
-            preds = predict_stores(lambda p: predict((model, ck), p, batch_size, device), ck["area_ids"], data,
-                                   area_ids, block)
-            del model
-        else:
-            # Same training sections as finetune with this seed (section-held-out split), so the comparison is fair.
-            tr, _ = split_by_section(train_table, vf, run.seed)
-            sub = train_table[tr]
-            x = np.concatenate([feats[k][g["row"].to_numpy()] for k, g in sub.groupby("store", sort=True)])
-            y = np.concatenate([g["area_id"].to_numpy() for _, g in sub.groupby("store", sort=True)])
-            bl = fit_profile_baseline_features(x, y, seed=run.seed)
-            bl.info.update(n_train_sections=int(sub[["brain", "section"]].drop_duplicates().shape[0]),
-                           val_fraction=vf)
-            save_baseline(bl, out / "models" / f"{slug(run.model)}_seed{run.seed}.joblib")
-            col_to_idx = np.array([lut[int(a)] for a in bl.classes], np.int64)
-            preds = []
-            for k, st in enumerate(data):
-                pred = np.full(len(st.table), -1, np.int64)
-                rows = st.eval_rows
-                if len(rows):
-                    pred[rows] = col_to_idx[predict_profile_baseline_features(bl, feats[k][rows]).argmax(1)]
-                preds.append(pred)
-        for split in SPLITS:
-            yt = np.concatenate([t[st.splits[split]] for t, st in zip(truth_idx, data)])
-            yp = np.concatenate([p[st.splits[split]] for p, st in zip(preds, data)])
-            if not len(yt):
-                continue
-            res = classification_metrics(yt, yp, len(area_ids))
-            metric_rows += _metric_rows(run.model, run.seed, split, res, names)
-            key = (run.model, split)
-            conf_sum[key] = conf_sum.get(key, 0) + res["confusion"]
-        pred_tables.append(pd.DataFrame({
-            "model": run.model, "seed": run.seed,
-            "brain": np.concatenate([st.table["brain"].to_numpy()[st.eval_rows] for st in data]),
-            "index": np.concatenate([st.table["index"].to_numpy()[st.eval_rows] for st in data]),
-            "true_area_id": np.concatenate([st.truth[st.eval_rows] for st in data]),
-            "pred_area_id": np.concatenate([np.asarray(area_ids)[p[st.eval_rows]] if len(st.eval_rows)
-                                            else np.zeros(0, np.int64) for p, st in zip(preds, data)])}))
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
 
-    metrics = pd.DataFrame(metric_rows, columns=["model", "seed", "split", "metric", "area", "value"])
-    summary = summarise(metrics, models)
+def _checkpoint_predictions(run: ModelRun, inp: _EvalInputs, device: str, batch_size: int,
+                            block: int) -> list[np.ndarray]:
+    """Predicted class index per store row of a classifier checkpoint (-1 outside the splits)."""
+    from cytonet.nn.checkpoints import load_classifier, predict
+
+    ums = inp.ums
+    model, ck = load_classifier(run.checkpoint, device)
+    cu = ck.get("pixel_size_um")
+    if cu is not None and ums and abs(float(cu) - float(next(iter(ums)))) > 1e-3 * float(cu):
+        raise ValueError(f"{run.checkpoint}: trained at {cu} µm/px but the stores are at {next(iter(ums))} µm/px")
+    return predict_stores(lambda p: predict((model, ck), p, batch_size, device), ck["area_ids"], inp.data,
+                          inp.area_ids, block)
+
+
+def _baseline_predictions(run: ModelRun, inp: _EvalInputs, feats: list[np.ndarray], train_table: pd.DataFrame,
+                          vf: float, out: Path) -> list[np.ndarray]:
+    """Fit the profile baseline for ``run.seed``, save it under ``out/models``, predict every evaluation row."""
+    from cytonet.analysis.baselines import (
+        fit_profile_baseline_features,
+        predict_profile_baseline_features,
+        save_baseline,
+    )
+    from cytonet.nn.data import split_by_section
+
+    # Same training sections as finetune with this seed (section-held-out split), so the comparison is fair.
+    tr, _ = split_by_section(train_table, vf, run.seed)
+    sub = train_table[tr]
+    x = np.concatenate([feats[k][g["row"].to_numpy()] for k, g in sub.groupby("store", sort=True)])
+    y = np.concatenate([g["area_id"].to_numpy() for _, g in sub.groupby("store", sort=True)])
+    bl = fit_profile_baseline_features(x, y, seed=run.seed)
+    bl.info.update(n_train_sections=int(sub[["brain", "section"]].drop_duplicates().shape[0]),
+                   val_fraction=vf)
+    save_baseline(bl, out / "models" / f"{slug(run.model)}_seed{run.seed}.joblib")
+    col_to_idx = np.array([inp.lut[int(a)] for a in bl.classes], np.int64)
+    preds = []
+    for k, st in enumerate(inp.data):
+        pred = np.full(len(st.table), -1, np.int64)
+        rows = st.eval_rows
+        if len(rows):
+            pred[rows] = col_to_idx[predict_profile_baseline_features(bl, feats[k][rows]).argmax(1)]
+        preds.append(pred)
+    return preds
+
+
+def _score_run(run: ModelRun, preds: list[np.ndarray], inp: _EvalInputs, metric_rows: list[dict],
+               conf_sum: dict[tuple[str, str], np.ndarray]) -> None:
+    """Metrics of one run per split into ``metric_rows``; its confusion matrices added to ``conf_sum``."""
+    for split in SPLITS:
+        yt = np.concatenate([t[st.splits[split]] for t, st in zip(inp.truth_idx, inp.data)])
+        yp = np.concatenate([p[st.splits[split]] for p, st in zip(preds, inp.data)])
+        if not len(yt):
+            continue
+        res = classification_metrics(yt, yp, len(inp.area_ids))
+        metric_rows += _metric_rows(run.model, run.seed, split, res, inp.names)
+        key = (run.model, split)
+        conf_sum[key] = conf_sum.get(key, 0) + res["confusion"]
+
+
+def _prediction_table(run: ModelRun, preds: list[np.ndarray], inp: _EvalInputs) -> pd.DataFrame:
+    """One row per evaluated patch of a run: brain, store index, true and predicted area id."""
+    data, area_ids = inp.data, inp.area_ids
+    return pd.DataFrame({
+        "model": run.model, "seed": run.seed,
+        "brain": np.concatenate([st.table["brain"].to_numpy()[st.eval_rows] for st in data]),
+        "index": np.concatenate([st.table["index"].to_numpy()[st.eval_rows] for st in data]),
+        "true_area_id": np.concatenate([st.truth[st.eval_rows] for st in data]),
+        "pred_area_id": np.concatenate([np.asarray(area_ids)[p[st.eval_rows]] if len(st.eval_rows)
+                                        else np.zeros(0, np.int64) for p, st in zip(preds, data)])})
+
+
+def _per_area_table(metrics: pd.DataFrame, area_ids: list[int], names: list[str]) -> pd.DataFrame:
+    """mean/std over seeds of each area's F1 per model × split, with its support."""
     f1 = metrics[metrics["metric"] == "f1"]
     sup = metrics[metrics["metric"] == "support"].groupby(["model", "split", "area"])["value"].max()
     per_area = (f1.groupby(["model", "split", "area"], sort=False)["value"]
@@ -472,8 +489,25 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
     per_area["support"] = [int(sup.get((m, s, a), 0)) for m, s, a in zip(per_area["model"], per_area["split"],
                                                                          per_area["area"])]
     per_area["area_id"] = [area_ids[names.index(a)] for a in per_area["area"]]
-    per_area = per_area[["model", "split", "area_id", "area", "f1_mean", "f1_std", "support"]]
+    return per_area[["model", "split", "area_id", "area", "f1_mean", "f1_std", "support"]]
 
+
+def _write_confusions(out: Path, conf_sum: dict[tuple[str, str], np.ndarray], summary: pd.DataFrame,
+                      names: list[str]) -> None:
+    """Confusion matrix CSV per model × split (seeds summed), and a PNG of each model's unknown-brains one."""
+    for (model, split), cm in conf_sum.items():
+        df = pd.DataFrame(cm, index=pd.Index(names, name="true\\predicted"), columns=names)
+        atomic_write_csv(out / f"confusion_{slug(model)}_{split}.csv", df, index=True)
+        if split == "unknown":
+            n_seeds = int(summary.loc[(summary["model"] == model) & (summary["split"] == split), "n_seeds"].iloc[0])
+            plot_confusion(cm, names, f"{model}\nunknown brains, {n_seeds} seed(s) summed, row-normalised",
+                           out / f"confusion_{slug(model)}_unknown.png")
+
+
+def _write_outputs(out: Path, metrics: pd.DataFrame, summary: pd.DataFrame, per_area: pd.DataFrame,
+                   pred_tables: list[pd.DataFrame], conf_sum: dict[tuple[str, str], np.ndarray], names: list[str],
+                   models: list[str]) -> str:
+    """Every output file of ``cytonet evaluate`` (each atomically); returns the summary Markdown table."""
     atomic_write_csv(out / "metrics.csv", metrics)
     atomic_write_csv(out / "summary.csv", summary)
     atomic_write_csv(out / "per_area_f1.csv", per_area)
@@ -482,17 +516,56 @@ def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table
         preds_all.to_parquet(tmp, index=False)
     md = summary_markdown(summary, models)
     atomic_write_text(out / "summary.md", "# Classification metrics\n\n" + md)
-    written = []
-    for (model, split), cm in conf_sum.items():
-        df = pd.DataFrame(cm, index=pd.Index(names, name="true\\predicted"), columns=names)
-        p = out / f"confusion_{slug(model)}_{split}.csv"
-        atomic_write_csv(p, df, index=True)
-        written.append(p)
-        if split == "unknown":
-            n_seeds = int(summary.loc[(summary["model"] == model) & (summary["split"] == split), "n_seeds"].iloc[0])
-            plot_confusion(cm, names, f"{model}\nunknown brains, {n_seeds} seed(s) summed, row-normalised",
-                           out / f"confusion_{slug(model)}_unknown.png")
+    _write_confusions(out, conf_sum, summary, names)
     plot_macro_f1(summary, models, out / "macro_f1.png")
+    return md
+
+
+def evaluate(stores: Sequence[str | Path], brains_table: str | Path, areas_table: str | Path,
+             runs: Sequence[ModelRun], out_dir: str | Path, baseline_seeds: Sequence[int] = (),
+             baseline_name: str = BASELINE_NAME, baseline_val_fraction: float | None = None,
+             device: str = "cpu", batch_size: int = 128, block: int = 2048, progress: bool = True) -> dict:
+    """Evaluate every run (and the profile baseline per seed) on the known/unknown/all splits; write outputs."""
+    import torch
+
+    from cytonet.nn.data import DEFAULT_VAL_FRACTION
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inp = _load_inputs(stores, brains_table, areas_table)
+    all_runs: list[ModelRun] = list(runs) + [ModelRun(baseline_name, int(s)) for s in baseline_seeds]
+    models = list(dict.fromkeys(r.model for r in all_runs))
+    if not all_runs:
+        raise ValueError("nothing to evaluate: give --model NAME=classifier.pt and/or --profile-baseline-seeds")
+    # Baseline features: computed once (block-wise) for training and evaluation rows, reused for every seed.
+    feats, train_table = _baseline_features(inp.data, block) if baseline_seeds else ([], None)
+    vf = float(DEFAULT_VAL_FRACTION if baseline_val_fraction is None else baseline_val_fraction)
+
+    metric_rows: list[dict] = []
+    conf_sum: dict[tuple[str, str], np.ndarray] = {}
+    pred_tables = []
+    try:
+        from cytonet.io.logs import progress as progress_bar  # a bar only on a terminal
+        bar = progress_bar(all_runs, desc="evaluate", unit="model", enabled=progress)
+    except ImportError:  # pragma: no cover
+        bar = all_runs
+    for run in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{run.model} seed {run.seed}")
+        if run.checkpoint is not None:
+            preds = _checkpoint_predictions(run, inp, device, batch_size, block)
+        else:
+            preds = _baseline_predictions(run, inp, feats, train_table, vf, out)
+        _score_run(run, preds, inp, metric_rows, conf_sum)
+        pred_tables.append(_prediction_table(run, preds, inp))
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    metrics = pd.DataFrame(metric_rows, columns=["model", "seed", "split", "metric", "area", "value"])
+    summary = summarise(metrics, models)
+    per_area = _per_area_table(metrics, inp.area_ids, inp.names)
+    md = _write_outputs(out, metrics, summary, per_area, pred_tables, conf_sum, inp.names, models)
     return {"metrics": metrics, "summary": summary, "per_area": per_area, "markdown": md, "models": models,
             "seconds": time.perf_counter() - t0}
 
@@ -536,14 +609,3 @@ def run(args: argparse.Namespace) -> int:
     print(res["markdown"])
     print(f"evaluate: {len(res['models'])} model(s) in {res['seconds']:.1f} s -> {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.analysis.evaluate ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.analysis.evaluate", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -263,14 +263,3 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{where}: no ground truth")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.analysis.section_metrics ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.analysis.section_metrics", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

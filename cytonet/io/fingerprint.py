@@ -16,6 +16,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.name  # "cytonet"
 ENTRY = f"{ROOT}.cli"  # how every stage is started; it only names the stage modules, so it is not followed
+# Modules that cannot change any output (log formatting): followed for their imports, but not hashed, so a new
+# log line does not rerun a brain's worth of jobs. Keep this set to modules that write nothing but logs.
+OUTPUT_NEUTRAL = frozenset({f"{ROOT}.io.logs"})
 
 
 def module_path(module: str, package: Path | None = None) -> Path | None:
@@ -99,7 +102,7 @@ def module_files(name: str, package: Path | None = None) -> list[Path]:
 def fingerprint_modules(modules: set[str] | list[str], package: Path | None = None) -> str:
     """Short hash of the code of the given modules (order-independent)."""
     digest = hashlib.sha256()
-    for name in sorted(set(modules)):
+    for name in sorted(set(modules) - OUTPUT_NEUTRAL):
         for file in module_files(name, package):
             digest.update(f"{name}:{file.name}".encode())
             digest.update(file.read_bytes())

@@ -1,7 +1,7 @@
 """Writing area maps: OME-NGFF probability pyramids, label and entropy images, overlays (torch-free).
 
-Shared by whole-section inference (:mod:`cytonet.mapping.infer`) and 3D smoothing (:mod:`cytonet.mapping.smooth3d`), so every
-set of maps has the same files and metadata. See docs/contracts.md ("Maps").
+Shared by whole-section inference (:mod:`cytonet.mapping.infer`) and 3D smoothing (:mod:`cytonet.mapping.smooth3d`), so
+every set of maps has the same files and metadata. See docs/contracts.md ("Maps").
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class SectionMapWriter:
         self.zarr = self.tmp / f"{name}.ome.zarr"
         self.store = NgffWriter(self.zarr, self.grid_shape, len(self.ids), chunk, self.label_dtype)
 
-    def __enter__(self) -> "SectionMapWriter":
+    def __enter__(self) -> SectionMapWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

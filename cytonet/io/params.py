@@ -7,8 +7,9 @@ reruns the stage; users running a stage by hand may give a file or single keys i
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 

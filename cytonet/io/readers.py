@@ -501,7 +501,7 @@ def _open_ome_zarr(path: Path, pixel_size_um: float | None, where: str, section_
     for key, shape, dtype, sx in infos:
         sel: list[Any] = []
         kept = []
-        for i, (n, size) in enumerate(zip(names, shape)):
+        for i, (_n, size) in enumerate(zip(names, shape)):
             if i in (iy, ix) or (i == ic and size in (3, 4)):
                 sel.append(slice(None))
                 kept.append(i)
@@ -511,7 +511,8 @@ def _open_ome_zarr(path: Path, pixel_size_um: float | None, where: str, section_
         yxc = tuple(shape[kept[o]] for o in order)
         is_rgb = is_rgb or len(yxc) == 3
         um = (sx / sx0 * px) if (sx and sx0) else px * infos[0][1][ix] / shape[ix]
-        axes_map = None if (len(kept) == len(shape) and order == list(range(len(order)))) else (tuple(sel), tuple(order))
+        axes_map = (None if (len(kept) == len(shape) and order == list(range(len(order))))
+                    else (tuple(sel), tuple(order)))
         levels.append(Level(float(um), (int(yxc[0]), int(yxc[1]))))
         arrays.append(_LevelArray(path, where, yxc, dtype, "zarr", key, axes_map))
     # Levels finest first, as the contract says.

@@ -8,7 +8,7 @@ table, the row and the column at fault. Relative paths inside a table resolve ag
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -25,7 +25,7 @@ class TableError(ValueError):
     """A brains, sections or areas table is missing, malformed or refers to something that does not exist."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(kind: str) -> dict:
     """Return the JSON schema for one row of a ``kind`` table (``sections``, ``brains`` or ``areas``)."""
     return yaml.safe_load((SCHEMA_DIR / f"{kind}.schema.yaml").read_text())
@@ -122,7 +122,8 @@ def load_brains(path: str | Path, check_files: bool = True) -> pd.DataFrame:
     if check_files:
         for row in table.itertuples():
             if not Path(row.sections).is_file():
-                raise TableError(f"brains table {path}: sections table of brain '{row.brain_id}' not found: {row.sections}")
+                raise TableError(f"brains table {path}: sections table of brain '{row.brain_id}' "
+                                 f"not found: {row.sections}")
     return table
 
 
@@ -154,7 +155,8 @@ def load_sections(
         else:
             raise TableError(
                 f"{where}: section '{row.section_id}' has no z_um"
-                + (" and no section_index" if section_thickness_um else " (section_index needs config section_thickness_um)")
+                + (" and no section_index" if section_thickness_um
+                   else " (section_index needs config section_thickness_um)")
             )
         try:
             SectionTransform.from_spec(row.transform, path.parent)
@@ -171,7 +173,8 @@ def load_sections(
     return table
 
 
-def load_all_sections(brains_table: str | Path, check_files: bool = True, section_thickness_um: float | None = None) -> pd.DataFrame:
+def load_all_sections(brains_table: str | Path, check_files: bool = True,
+                      section_thickness_um: float | None = None) -> pd.DataFrame:
     """All sections of all brains in one table, with ``brain_id`` and ``role`` columns."""
     brains = load_brains(brains_table, check_files=check_files)
     frames = []

@@ -28,7 +28,7 @@ class SectionTransform:
     field_step_px: float = 1.0
 
     @classmethod
-    def from_spec(cls, spec: str, base_dir: str | Path = ".") -> "SectionTransform":
+    def from_spec(cls, spec: str, base_dir: str | Path = ".") -> SectionTransform:
         """Parse a sections-table ``transform`` cell (12 numbers or a path to an .npz)."""
         spec = str(spec).strip()
         parts = spec.replace(",", " ").split()

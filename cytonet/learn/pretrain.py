@@ -14,24 +14,29 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import random
-import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cytonet.nn import distributed as cdist
+from cytonet.io.logs import format_duration, setup_logging
 from cytonet.io.params import add_params_arguments, parse_params, with_defaults
+from cytonet.nn import distributed as cdist
 from cytonet.nn.checkpoints import ENCODER_FORMAT, atomic_save, list_checkpoints, load_latest_checkpoint
 from cytonet.nn.models import autocast, build_encoder, prepare_model, to_input
+
+log = logging.getLogger(__name__)
 
 # Defaults (documented in the report / docs): every key here may be set with --param key=value or a YAML/JSON file.
 DEFAULTS: dict[str, Any] = {
@@ -233,14 +238,52 @@ def _threads(cfg: dict[str, Any], local_world: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- training
+@dataclass
+class _Run:
+    """One pretraining run: its setting, model and optimiser, and the counters its checkpoints carry over."""
+
+    cfg: dict[str, Any]
+    plan: dict[str, int]
+    env: cdist.DistEnv
+    dev: torch.device
+    out: Path
+    model: Any = None  # the Encoder (what is saved)
+    ddp: Any = None  # the model as trained: DDP-wrapped when distributed, else the model itself
+    opt: Any = None
+    sched: Any = None
+    step: int = 0
+    fallbacks: int = 0
+    drawn: int = 0
+    resumed_from: int = 0
+    last_logits_shape: tuple | None = None
+    waited: float = 0.0  # loader wait and compute time after the first step (which includes worker start-up)
+    computed: float = 0.0
+    t_start: float = 0.0
+
+
 def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str, Any] | None = None,
              device: str = "auto", return_model: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) SpatialNCE pretraining on the given patch stores; rank 0 writes outputs into out_dir."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils.data import DataLoader
+    """Run (or resume) SpatialNCE pretraining on the given patch stores; rank 0 writes outputs into out_dir.
 
-    from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, augment_views, collate_pairs
+    Rank 0 logs a progress line (step, loss, samples/s, ETA) every ``log_every`` steps, at INFO; with
+    ``progress=False`` at DEBUG (shown with ``cytonet -v``).
+    """
+    run = _plan_run(config, out_dir, device)
+    data, sampler, loader = _build_data(stores, run)
+    if run.env.is_main:
+        _log_start(run, data)
+    _build_model(run)
+    _resume(run)
+    metrics = _MetricsLog(run, stores, progress) if run.env.is_main else None
+    _train_loop(run, loader, sampler, metrics)
+    result = _finish(run, data, stores, metrics)
+    if return_model:
+        result["model"] = run.model
+    return result
 
+
+def _plan_run(config: dict[str, Any] | None, out_dir: str | Path, device: str) -> _Run:
+    """Validate the config, join the process group, set threads and work out the steps."""
     cfg = validate_config(config)
     out = Path(out_dir)
     env, dev = cdist.init_distributed(device)
@@ -249,167 +292,261 @@ def pretrain(stores: Sequence[str | Path], out_dir: str | Path, config: dict[str
     plan = run_plan(cfg, env.world_size)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    return _Run(cfg=cfg, plan=plan, env=env, dev=dev, out=out)
 
+
+def _build_data(stores: Sequence[str | Path], run: _Run) -> tuple[Any, Any, Any]:
+    """The patch stores, this rank's anchor sampler and the pair DataLoader."""
+    from torch.utils.data import DataLoader
+
+    from cytonet.nn.data import AnchorSampler, PatchStores, SpatialPairDataset, collate_pairs
+
+    cfg, env = run.cfg, run.env
     data = PatchStores(stores)
     ds = SpatialPairDataset(data, cfg["radius_mm"], seed=cfg["seed"], within_brain=cfg["within_brain"],
                             out_px=cfg["input_px"], raw=cfg["augment_on"] == "device")
-    sampler = AnchorSampler(len(data), plan["draws_per_rank"], env.rank, env.world_size, cfg["seed"])
+    sampler = AnchorSampler(len(data), run.plan["draws_per_rank"], env.rank, env.world_size, cfg["seed"])
     loader = DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, collate_fn=collate_pairs, drop_last=True,
-                        num_workers=cfg["num_workers"], pin_memory=dev.type == "cuda",
+                        num_workers=cfg["num_workers"], pin_memory=run.dev.type == "cuda",
                         persistent_workers=cfg["num_workers"] > 0,
                         prefetch_factor=4 if cfg["num_workers"] > 0 else None)
+    return data, sampler, loader
 
+
+def _build_model(run: _Run) -> None:
+    """Seeded encoder (DDP-wrapped when distributed), AdamW and the warmup + cosine schedule."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg, plan, dev = run.cfg, run.plan, run.dev
     seed_everything(cfg["seed"])  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = prepare_model(build_encoder(cfg["encoder"], cfg["embedding_dim"], cfg["proj_hidden"]), dev)
-    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if env.distributed else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    run.model = prepare_model(build_encoder(cfg["encoder"], cfg["embedding_dim"], cfg["proj_hidden"]), dev)
+    run.ddp = run.model
+    if run.env.distributed:
+        run.ddp = DDP(run.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warmup = cfg["warmup_steps"] if cfg["warmup_steps"] is not None else min(2000, max(1, plan["total_steps"] // 20))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan["total_steps"], int(warmup), cfg["min_lr_ratio"]))
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(plan["total_steps"], int(warmup),
+                                                                     cfg["min_lr_ratio"]))
 
-    step, fallbacks, drawn = 0, 0, 0
+
+def _resume(run: _Run) -> None:
+    """Load the newest checkpoint of the output folder, if any, then seed this rank's RNGs for the steps to come."""
+    cfg, env, out = run.cfg, run.env, run.out
     ckpt = load_latest_checkpoint(out)
     if ckpt is not None:
-        if ckpt["plan"] != plan:
-            raise ValueError(f"{out}: checkpoint was made with plan {ckpt['plan']}, this run has {plan} "
+        if ckpt["plan"] != run.plan:
+            raise ValueError(f"{out}: checkpoint was made with plan {ckpt['plan']}, this run has {run.plan} "
                              "(batch_size, world size, steps or epochs changed); use a new output folder")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, fallbacks, drawn = ckpt["step"], ckpt["fallbacks"], ckpt["drawn"]
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+        run.step, run.fallbacks, run.drawn = ckpt["step"], ckpt["fallbacks"], ckpt["drawn"]
         if env.is_main:
-            print(f"pretrain: resuming from checkpoint step {step} in {out}", file=sys.stderr, flush=True)
-    resumed_from = step
+            log.info("resuming from checkpoint step %d/%d in %s", run.step, run.plan["total_steps"], out)
+    run.resumed_from = run.step
     # RNG: derived from seed + rank + step (data randomness is keyed by draw, so it does not depend on it);
     # rank 0 additionally restores its saved states exactly.
-    seed_everything(cfg["seed"] + 100_003 * env.rank + step)
+    seed_everything(cfg["seed"] + 100_003 * env.rank + run.step)
     if ckpt is not None and env.is_main:
         set_rng_state(ckpt["rng"])
 
-    log_path = out / "metrics.csv"
-    fields = ["step", "epoch", "loss", "lr", "samples_per_s", "loader_wait_s", "step_s", "fallback_frac", "elapsed_s"]
-    writer = fh = tb = bar = None
-    if env.is_main:
+
+def _log_start(run: _Run, data: Any) -> None:
+    """What is trained on what, and for how long."""
+    cfg, plan = run.cfg, run.plan
+    log.info("%d patches from %d store(s) (brains %s), %d px; encoder %s, loss %s, radius %.3g mm",
+             len(data), len(data.paths), ", ".join(data.brains), data.patch_px, cfg["encoder"], cfg["loss"],
+             cfg["radius_mm"])
+    log.info("%d steps of %d samples (%d rank(s) x %d) in %d epoch(s) on %s; metrics every %d steps, checkpoint "
+             "every %d", plan["total_steps"], plan["global_batch"], run.env.world_size, cfg["batch_size"],
+             cfg["epochs"], run.dev, cfg["log_every"], cfg["checkpoint_every"])
+
+
+class _MetricsLog:
+    """Rank 0's record of training: metrics.csv rows, TensorBoard scalars and a progress line per row."""
+
+    FIELDS = ["step", "epoch", "loss", "lr", "samples_per_s", "loader_wait_s", "step_s", "fallback_frac",
+              "elapsed_s"]
+
+    def __init__(self, run: _Run, stores: Sequence[str | Path], progress: bool) -> None:
+        out, cfg = run.out, run.cfg
+        log_path = out / "metrics.csv"
+        rows = []
         if log_path.exists():  # drop rows the killed run logged after its last checkpoint
-            rows = [r for r in csv.DictReader(open(log_path)) if int(r["step"]) <= step]
-        else:
-            rows = []
-        fh = open(log_path, "w", newline="")
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        fh.flush()
-        (out / "config.json").write_text(json.dumps({"config": cfg, "plan": plan, "stores": [str(s) for s in stores],
-                                                     "world_size": env.world_size}, indent=2))
+            with open(log_path, newline="") as old:
+                rows = [r for r in csv.DictReader(old) if int(r["step"]) <= run.step]
+        self.fh = open(log_path, "w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.fh.flush()
+        (out / "config.json").write_text(json.dumps({"config": cfg, "plan": run.plan,
+                                                     "stores": [str(s) for s in stores],
+                                                     "world_size": run.env.world_size}, indent=2))
+        self.tb = None
         if cfg["tensorboard"]:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(str(out / "tensorboard"))
             except ImportError:
-                warnings.warn("tensorboard is not installed; logging to CSV only")
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=plan["total_steps"], initial=step, desc="pretrain", unit="step", mininterval=2)
+                warnings.warn("tensorboard is not installed; logging to CSV only", stacklevel=2)
+        self.level = logging.INFO if progress else logging.DEBUG
+        # Since the previous progress line: its step and time, and the loader wait and step time summed since.
+        self.window_step, self.window_t, self.window_wait, self.window_busy = run.step, time.perf_counter(), 0.0, 0.0
 
-    def save_checkpoint() -> None:
-        path = out / "checkpoints" / f"step_{step:08d}.pt"
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step, "epoch": step // plan["steps_per_epoch"], "plan": plan, "config": cfg,
-                     "fallbacks": fallbacks, "drawn": drawn, "rng": rng_state(), "spec": model.spec()}, path)
-        for old in list_checkpoints(out)[:-cfg["keep_checkpoints"]]:
-            old.unlink(missing_ok=True)
+    def tick(self, wait: float, dt: float) -> None:
+        """Count one step's loader wait and compute time towards the next progress line."""
+        self.window_wait += wait
+        self.window_busy += wait + dt
 
-    t_start, last_logits_shape = time.perf_counter(), None
-    waited = computed = 0.0
-    ddp.train()
-    while step < plan["total_steps"]:
-        epoch, in_epoch = divmod(step, plan["steps_per_epoch"])
+    def write(self, run: _Run, epoch: int, stats: torch.Tensor, wait: float, dt: float, t_done: float) -> None:
+        """One metrics row for the step just done, and its progress line."""
+        gb = run.plan["global_batch"]
+        row = {"step": run.step, "epoch": epoch, "loss": round(float(stats[0]), 6),
+               "lr": f"{run.sched.get_last_lr()[0]:.3e}",
+               "samples_per_s": round(gb / max(wait + dt, 1e-9), 2),
+               "loader_wait_s": round(wait, 5), "step_s": round(dt, 5),
+               "fallback_frac": round(float(stats[1]) / gb, 4),
+               "elapsed_s": round(t_done - run.t_start, 3)}
+        self.writer.writerow(row)
+        self.fh.flush()
+        if self.tb is not None:
+            for k in ("loss", "samples_per_s", "loader_wait_s", "fallback_frac"):
+                self.tb.add_scalar(k, float(row[k]), run.step)
+        self._progress_line(run, epoch, row, t_done)
+
+    def _progress_line(self, run: _Run, epoch: int, row: dict[str, Any], t_done: float) -> None:
+        # Throughput over the steps since the previous line (checkpoint writes included: what the run achieves).
+        window_s = t_done - max(self.window_t, run.t_start)
+        rate = (run.step - self.window_step) * run.plan["global_batch"] / max(window_s, 1e-9)
+        wait_frac = self.window_wait / max(self.window_busy, 1e-9)
+        self.window_step, self.window_t, self.window_wait, self.window_busy = run.step, t_done, 0.0, 0.0
+        total, elapsed = run.plan["total_steps"], t_done - run.t_start
+        eta = elapsed / max(run.step - run.resumed_from, 1) * (total - run.step)
+        log.log(self.level, "step %d/%d (%.0f%%) epoch %d: loss %.4f, lr %s, %.1f samples/s, loader wait %.0f%%, "
+                "fallback %.1f%%, elapsed %s, ETA %s", run.step, total, 100 * run.step / total, epoch, row["loss"],
+                row["lr"], rate, 100 * wait_frac, 100 * row["fallback_frac"], format_duration(elapsed),
+                format_duration(eta))
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _train_step(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimiser step on a batch of pairs; returns [global mean loss, fallbacks in the global batch] on CPU."""
+    from cytonet.nn.data import augment_views
+
+    cfg, dev = run.cfg, run.dev
+    # Copy the pinned halves separately (a CPU-side cat would make a pageable copy and block).
+    v1, v2 = batch["view1"].to(dev, non_blocking=True), batch["view2"].to(dev, non_blocking=True)
+    if cfg["augment_on"] == "device":
+        v1 = augment_views(v1, batch["key"], cfg["seed"], 2, out_px=cfg["input_px"])
+        v2 = augment_views(v2, batch["key"], cfg["seed"], 3, out_px=cfg["input_px"])
+    v = to_input(torch.cat([v1, v2]), dev)
+    with autocast(dev, cfg["precision"]):
+        z = run.ddp(v)
+    z1, z2 = z.float().chunk(2)
+    loss, parts = spatial_nce_loss(z1, z2, batch["xyz1"].to(dev), batch["xyz2"].to(dev),
+                                   cfg["temperature"], cfg["radius_mm"], cfg["loss"], cfg["sigma_mm"])
+    run.last_logits_shape = tuple(parts["logits"].shape)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    # On the device: NCCL reduces only GPU tensors. One small all-reduce gives global loss and fallbacks.
+    stats = torch.stack([loss.detach().float(), batch["fallback"].to(dev).sum().float()])
+    if run.env.distributed:
+        dist.all_reduce(stats)
+        stats[0] /= run.env.world_size
+    stats = stats.cpu()
+    run.fallbacks += int(stats[1])
+    run.drawn += run.plan["global_batch"]
+    return stats
+
+
+def _train_loop(run: _Run, loader: Any, sampler: Any, metrics: _MetricsLog | None) -> None:
+    """Train until plan["total_steps"]: metrics rows every log_every steps, checkpoints every checkpoint_every."""
+    cfg, plan = run.cfg, run.plan
+    run.t_start = time.perf_counter()
+    run.ddp.train()
+    while run.step < plan["total_steps"]:
+        epoch, in_epoch = divmod(run.step, plan["steps_per_epoch"])
         sampler.set_epoch(epoch, start=in_epoch * cfg["batch_size"])
         it = iter(loader)
         t_wait = time.perf_counter()
         for batch in it:
             t_got = time.perf_counter()
-            # Copy the pinned halves separately (a CPU-side cat would make a pageable copy and block).
-            v1, v2 = batch["view1"].to(dev, non_blocking=True), batch["view2"].to(dev, non_blocking=True)
-            if cfg["augment_on"] == "device":
-                v1 = augment_views(v1, batch["key"], cfg["seed"], 2, out_px=cfg["input_px"])
-                v2 = augment_views(v2, batch["key"], cfg["seed"], 3, out_px=cfg["input_px"])
-            v = to_input(torch.cat([v1, v2]), dev)
-            with autocast(dev, cfg["precision"]):
-                z = ddp(v)
-            z1, z2 = z.float().chunk(2)
-            loss, parts = spatial_nce_loss(z1, z2, batch["xyz1"].to(dev), batch["xyz2"].to(dev),
-                                           cfg["temperature"], cfg["radius_mm"], cfg["loss"], cfg["sigma_mm"])
-            last_logits_shape = tuple(parts["logits"].shape)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            # On the device: NCCL reduces only GPU tensors. One small all-reduce gives global loss and fallbacks.
-            stats = torch.stack([loss.detach().float(), batch["fallback"].to(dev).sum().float()])
-            if env.distributed:
-                dist.all_reduce(stats)
-                stats[0] /= env.world_size
-            stats = stats.cpu()
-            fallbacks += int(stats[1])
-            drawn += plan["global_batch"]
+            stats = _train_step(run, batch)
             t_done = time.perf_counter()
             wait, dt = t_got - t_wait, t_done - t_got
-            if step > resumed_from + 1:  # the first step includes worker start-up
-                waited += wait
-                computed += dt
-            if env.is_main and (step % cfg["log_every"] == 0 or step == plan["total_steps"]):
-                row = {"step": step, "epoch": epoch, "loss": round(float(stats[0]), 6),
-                       "lr": f"{sched.get_last_lr()[0]:.3e}",
-                       "samples_per_s": round(plan["global_batch"] / max(wait + dt, 1e-9), 2),
-                       "loader_wait_s": round(wait, 5), "step_s": round(dt, 5),
-                       "fallback_frac": round(float(stats[1]) / plan["global_batch"], 4),
-                       "elapsed_s": round(t_done - t_start, 3)}
-                writer.writerow(row)
-                fh.flush()
-                if tb is not None:
-                    for k in ("loss", "samples_per_s", "loader_wait_s", "fallback_frac"):
-                        tb.add_scalar(k, float(row[k]), step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(stats[0]):.3f}", refresh=False)
+            if run.step > run.resumed_from + 1:  # the first step includes worker start-up
+                run.waited += wait
+                run.computed += dt
+            if metrics is not None:
+                metrics.tick(wait, dt)
+            last = run.step == plan["total_steps"]
+            if metrics is not None and (run.step % cfg["log_every"] == 0 or last):
+                metrics.write(run, epoch, stats, wait, dt, t_done)
             # The last step is checkpointed too, so rerunning a finished run only rewrites encoder.pt.
-            if env.is_main and (step % cfg["checkpoint_every"] == 0 or step == plan["total_steps"]):
-                save_checkpoint()
-            if step >= plan["total_steps"]:
+            if run.env.is_main and (run.step % cfg["checkpoint_every"] == 0 or last):
+                _save_checkpoint(run)
+            if run.step >= plan["total_steps"]:
                 break
             t_wait = time.perf_counter()
         del it
 
+
+def _save_checkpoint(run: _Run) -> None:
+    """Write checkpoints/step_XXXXXXXX.pt atomically and keep only the newest keep_checkpoints."""
+    path = run.out / "checkpoints" / f"step_{run.step:08d}.pt"
+    atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                 "scheduler": run.sched.state_dict(), "step": run.step,
+                 "epoch": run.step // run.plan["steps_per_epoch"], "plan": run.plan, "config": run.cfg,
+                 "fallbacks": run.fallbacks, "drawn": run.drawn, "rng": rng_state(), "spec": run.model.spec()}, path)
+    for old in list_checkpoints(run.out)[:-run.cfg["keep_checkpoints"]]:
+        old.unlink(missing_ok=True)
+    log.debug("checkpoint %s", path)
+
+
+def _finish(run: _Run, data: Any, stores: Sequence[str | Path], metrics: _MetricsLog | None) -> dict[str, Any]:
+    """Make every rank hold rank 0's model; rank 0 writes encoder.pt and summary.json. Returns the run's result."""
+    env = run.env
     if env.distributed:
         # BatchNorm running stats are per rank (DDP re-broadcasts them only at the next forward): make every
         # rank hold rank 0's model, the one that is saved.
-        for buf in model.buffers():
+        for buf in run.model.buffers():
             dist.broadcast(buf, 0)
-    result: dict[str, Any] = {"step": step, "resumed_from": resumed_from, "fallbacks": fallbacks, "drawn": drawn,
-                              "fallback_frac": fallbacks / max(drawn, 1), "logits_shape": last_logits_shape,
-                              "rank": env.rank, "world_size": env.world_size}
+    result: dict[str, Any] = {"step": run.step, "resumed_from": run.resumed_from, "fallbacks": run.fallbacks,
+                              "drawn": run.drawn, "fallback_frac": run.fallbacks / max(run.drawn, 1),
+                              "logits_shape": run.last_logits_shape, "rank": env.rank, "world_size": env.world_size}
     if env.is_main:
-        if bar is not None:
-            bar.close()
-        fh.close()
-        if tb is not None:
-            tb.close()
-        atomic_save({"format": ENCODER_FORMAT, "spec": model.spec(), "state_dict": model.state_dict(),
-                     "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px,
-                     "pixel_size_um": data.pixel_size_um, "config": cfg,
-                     "step": step, "stores": [str(s) for s in stores]}, out / "encoder.pt")
-        summary = {k: v for k, v in result.items() if k != "logits_shape"}
-        # Which side bounds the run: the share of step time spent waiting for the loader.
-        frac = waited / max(waited + computed, 1e-9)
-        summary.update(plan=plan, wall_s=round(time.perf_counter() - t_start, 2), device=str(dev),
-                       loader_wait_frac=round(frac, 4), bound="loader" if frac > 0.5 else "compute")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
+        _write_outputs(run, data, stores, result)
     if env.distributed:
         dist.barrier()  # nobody leaves before rank 0 has written encoder.pt
-    if return_model:
-        result["model"] = model
     return result
+
+
+def _write_outputs(run: _Run, data: Any, stores: Sequence[str | Path], result: dict[str, Any]) -> None:
+    """encoder.pt (written last of the weights, atomically) and summary.json."""
+    cfg, out = run.cfg, run.out
+    atomic_save({"format": ENCODER_FORMAT, "spec": run.model.spec(), "state_dict": run.model.state_dict(),
+                 "patch_px": data.patch_px, "input_px": cfg["input_px"] or data.patch_px,
+                 "pixel_size_um": data.pixel_size_um, "config": cfg,
+                 "step": run.step, "stores": [str(s) for s in stores]}, out / "encoder.pt")
+    summary = {k: v for k, v in result.items() if k != "logits_shape"}
+    # Which side bounds the run: the share of step time spent waiting for the loader.
+    frac = run.waited / max(run.waited + run.computed, 1e-9)
+    wall = time.perf_counter() - run.t_start
+    summary.update(plan=run.plan, wall_s=round(wall, 2), device=str(run.dev),
+                   loader_wait_frac=round(frac, 4), bound="loader" if frac > 0.5 else "compute")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: %d steps (%d this run) in %s, %s-bound (loader wait %.0f%%), fallback %.1f%%; wrote %s",
+             run.step, run.step - run.resumed_from, format_duration(wall), summary["bound"], 100 * frac,
+             100 * summary["fallback_frac"], out / "encoder.pt")
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -421,10 +558,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, help="torch threads per rank (overrides config key 'threads')")
     parser.add_argument("--nproc", type=int, default=1, help="spawn N local ranks (without torchrun/srun)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="log the per-step progress lines at debug level only (shown with cytonet -v)")
 
 
-def _spawned(stores: list[str], out: str, cfg: dict, device: str, progress: bool) -> None:
+def _spawned(stores: list[str], out: str, cfg: dict, device: str, progress: bool, verbosity: int | None = None) -> None:
+    if verbosity is not None:  # a spawned rank is a fresh interpreter: set up its logging as `cytonet` did
+        setup_logging(verbosity)
     try:
         pretrain(stores, out, cfg, device=device, progress=progress)
     finally:
@@ -438,18 +578,9 @@ def run(args: argparse.Namespace) -> int:
         cfg["threads"] = args.threads
     validate_config(cfg)  # fail before any process is spawned
     if args.nproc > 1 and cdist.detect_env().world_size == 1:
-        cdist.launch_local(args.nproc, _spawned, list(args.store), args.out, cfg, args.device, not args.no_progress)
+        verbosity = getattr(args, "log_verbose", 0) - getattr(args, "log_quiet", 0)
+        cdist.launch_local(args.nproc, _spawned, list(args.store), args.out, cfg, args.device, not args.no_progress,
+                           verbosity)
         return 0
     _spawned(list(args.store), args.out, cfg, args.device, not args.no_progress)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.learn.pretrain ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.learn.pretrain", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,8 +71,8 @@ Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<
   and colours. ``labels/areas``: NGFF image-label (uint8, or uint16 when ids >= 255) with area colours and names.
   ``entropy``: a second NGFF image (y, x) float32 normalised entropy in [0, 1] (NaN outside tissue).
 - ``<name>_areas.png``: the label map on the output grid, palette-indexed uint8 (pixel value = area id, 0 = outside
-  tissue, :data:`UNCERTAIN_U8` = 255 where max p < ``uncertain_below``); uint16 grey PNG when ids >= 255
-  (then uncertain = 65535).
+  tissue, :data:`cytonet.io.maps.UNCERTAIN_U8` = 255 where max p < ``uncertain_below``); uint16 grey PNG when
+  ids >= 255 (then uncertain = 65535).
 - ``<name>_entropy.tif``: float32 normalised entropy (ImageJ TIFF with the pixel size).
 - ``<name>_overlay.png``: area map blended over the section thumbnail with a legend; uncertain = grey, hatched.
 - ``<name>_infer.json``: parameters, area table, timings. Its presence marks the outputs complete.
@@ -81,24 +81,23 @@ Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytonet.nn.models import autocast
 from cytonet.io.maps import SectionMapWriter, thumbnail
+from cytonet.nn.models import autocast
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,8 @@ def as_dense_model(model: Any, *, window_px: int, pixel_size_um: float, area_ids
         trunk, stride = _split_backbone(model)
         head = model.fc
     else:
-        raise TypeError(f"{source}: {type(model).__name__} has no trunk/head split; see cytonet.mapping.infer.DenseModel")
+        raise TypeError(f"{source}: {type(model).__name__} has no trunk/head split; "
+                        "see cytonet.mapping.infer.DenseModel")
     trunk.eval()
     head.eval()
     pre = preprocess or getattr(model, "preprocess", None) or default_preprocess
@@ -477,8 +477,9 @@ def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tu
             raise InferenceError(f"image array must be uint8 (H, W), got {image.dtype} {image.shape}")
         um = pixel_size_um or net_um
         if abs(um / net_um - 1) > 0.01:
-            from cytonet.io.readers import downsample
             import dask.array as da
+
+            from cytonet.io.readers import downsample
 
             if um > net_um:
                 raise InferenceError(f"image array at {um} µm/px is coarser than the network's {net_um} µm/px")
@@ -497,25 +498,9 @@ def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tu
         raise InferenceError(f"section image {image}: {exc}") from exc
 
 
-def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray,
-                  classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence | None,
-                  out_dir: str | os.PathLike, *, name: str | None = None, pixel_size_um: float | None = None,
-                  output_um: float = 64.0, uncertain_below: float = 0.5, tile_px: int = 2048,
-                  mode: str = "dense", halo_px: int | None = None, device: str | None = None,
-                  batch_size: int | None = None, patch_um: float | None = None, window_px: int | None = None,
-                  pyramid_levels: int = 4, progress: bool = True, overlay: bool = True) -> InferenceResult:
-    """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
-
-    ``classifier``: a checkpoint path or a model (DenseModel, finetune.Classifier, torchvision ResNet; then give
-    ``patch_um`` and ``window_px``). ``areas``: areas table path, a list of (id, name, '#rrggbb'), or None to take
-    the areas of a DenseModel / checkpoint with tab10 colours.
-    ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
-    ``halo_px``: dense context beyond the windows at a tile's edge; None = the measured receptive-field margin
-    (tile-independent results), smaller = faster, with windows at tile edges part-way to naive (module docstring).
-    """
-    t_start = time.perf_counter()
-    if mode not in ("dense", "naive"):
-        raise InferenceError(f"mode must be dense or naive, got {mode!r}")
+def _resolve_model(classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence | None,
+                   patch_um: float | None, window_px: int | None) -> tuple[DenseModel, list[dict[str, Any]]]:
+    """The classifier as a DenseModel, and the areas (area_id, name, color) whose order its logits must follow."""
     area_src = str(areas) if isinstance(areas, (str, os.PathLike)) else "<areas list>"
     if isinstance(areas, (str, os.PathLike)):
         ids, names, colours = read_areas_table(areas)
@@ -538,12 +523,13 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     if list(model.area_ids) != ids:
         raise InferenceError(f"classifier {model.source} predicts areas {model.area_ids} "
                              f"({', '.join(model.area_names)}) but the areas table {area_src} has {ids}")
-    dev = _device(device)
-    model.trunk.to(dev).eval()
-    model.head.to(dev).eval()
+    return model, [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)]
 
+
+def _plan_grid(model: DenseModel, img: Any, mask: str | os.PathLike | np.ndarray, output_um: float,
+               halo_px: int | None, mode: str) -> tuple[Grid, np.ndarray, float, int]:
+    """(output grid, tissue flag per output cell, output µm snapped to the network grid, halo px) of a section."""
     net_um = model.pixel_size_um
-    img, image_um, img_where, sec = _prepare_image(image, pixel_size_um, net_um)
     T = max(1, round(output_um / net_um))
     if abs(T * net_um / output_um - 1) > 0.01:
         log.warning("output_um %.3g is not a multiple of the network's %.3g µm/px; using %.4g", output_um, net_um,
@@ -557,37 +543,87 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     margin = (model.rf_margin_px() if halo_px is None else int(halo_px)) if mode == "dense" else 0
     grid = Grid(int(img.shape[0]), int(img.shape[1]), T, S, s, -(-margin // s))
     tissue = _mask_on_grid(read_mask(mask, (int(img.shape[0]), int(img.shape[1]))), grid)
+    return grid, tissue, output_um, margin
+
+
+def _log_tiles(name: str, done: int, total: int, t0: float) -> None:
+    """A log line at about every 10 % of a section's tiles: tiles done, elapsed time, rate."""
+    if done == total or done * 10 // total > (done - 1) * 10 // total:
+        elapsed = time.perf_counter() - t0
+        log.info("infer %s: %d/%d tiles, %.1f s elapsed, %.2f tiles/s", name, done, total, elapsed,
+                 done / max(elapsed, 1e-9))
+
+
+def _map_blocks(model: DenseModel, img: Any, grid: Grid, blocks: list[_Block], mode: str, dev: torch.device,
+                batch: int, maps: SectionMapWriter, name: str, progress: bool) -> int:
+    """Probabilities of every block into ``maps``; returns the pixels the network ran over (for cost accounting)."""
+    it: Any = blocks
+    if progress:
+        from cytonet.io.logs import progress as progress_bar  # a bar only on a terminal
+
+        it = progress_bar(blocks, desc=f"infer {name} ({mode})", unit="tile")
+    S = grid.S
+    trunk_px = 0  # dense: tiles with halo; naive: windows
+    t0 = time.perf_counter()
+    for done, b in enumerate(it, 1):
+        if mode == "dense":
+            p = _dense_block(model, img, grid, b, dev)
+            trunk_px += _tile_px(grid, b.i1 - b.i0) * _tile_px(grid, b.j1 - b.j0)
+        else:
+            p = _naive_block(model, img, grid, b, dev, batch)
+            trunk_px += int(b.tissue.sum()) * S * S
+        maps.write(b.i0, b.j0, p, b.tissue)
+        _log_tiles(name, done, len(blocks), t0)
+    return trunk_px
+
+
+def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray,
+                  classifier: str | os.PathLike | DenseModel | nn.Module, areas: str | os.PathLike | Sequence | None,
+                  out_dir: str | os.PathLike, *, name: str | None = None, pixel_size_um: float | None = None,
+                  output_um: float = 64.0, uncertain_below: float = 0.5, tile_px: int = 2048,
+                  mode: str = "dense", halo_px: int | None = None, device: str | None = None,
+                  batch_size: int | None = None, patch_um: float | None = None, window_px: int | None = None,
+                  pyramid_levels: int = 4, progress: bool = True, overlay: bool = True) -> InferenceResult:
+    """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
+
+    ``classifier``: a checkpoint path or a model (DenseModel, finetune.Classifier, torchvision ResNet; then give
+    ``patch_um`` and ``window_px``). ``areas``: areas table path, a list of (id, name, '#rrggbb'), or None to take
+    the areas of a DenseModel / checkpoint with tab10 colours.
+    ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
+    ``halo_px``: dense context beyond the windows at a tile's edge; None = the measured receptive-field margin
+    (tile-independent results), smaller = faster, with windows at tile edges part-way to naive (module docstring).
+    Logs a line when the section starts and ends and at about every 10 % of its tiles.
+    """
+    t_start = time.perf_counter()
+    if mode not in ("dense", "naive"):
+        raise InferenceError(f"mode must be dense or naive, got {mode!r}")
+    model, area_rows = _resolve_model(classifier, areas, patch_um, window_px)
+    dev = _device(device)
+    model.trunk.to(dev).eval()
+    model.head.to(dev).eval()
+
+    net_um = model.pixel_size_um
+    img, image_um, img_where, sec = _prepare_image(image, pixel_size_um, net_um)
+    grid, tissue, output_um, margin = _plan_grid(model, img, mask, output_um, halo_px, mode)
+    T, S, s = grid.T, grid.S, grid.s
     gh, gw = grid.shape
     block = max(1, tile_px // T)  # output cells per tile side
     batch = batch_size or max(1, (1 << 22) // (S * S))  # ~4 Mpx of windows per naive batch
 
     name = name or (Path(image).name.split(".")[0] if not isinstance(image, np.ndarray) else "section")
-    areas = [{"area_id": i, "name": n, "color": c} for i, n, c in zip(ids, names, colours)]
-    with SectionMapWriter(out_dir, name, (gh, gw), areas, uncertain_below, block, "infer") as maps:
+    with SectionMapWriter(out_dir, name, (gh, gw), area_rows, uncertain_below, block, "infer") as maps:
         blocks = list(_iter_blocks(grid, tissue, block))
-        it: Any = blocks
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(blocks, desc=f"infer {name} ({mode})", unit="tile", file=sys.stderr)
-        trunk_px = 0  # pixels the network ran over (dense: tiles with halo; naive: windows), for cost accounting
-        for b in it:
-            if mode == "dense":
-                p = _dense_block(model, img, grid, b, dev)
-                trunk_px += _tile_px(grid, b.i1 - b.i0) * _tile_px(grid, b.j1 - b.j0)
-            else:
-                p = _naive_block(model, img, grid, b, dev, batch)
-                trunk_px += int(b.tissue.sum()) * S * S
-            maps.write(b.i0, b.j0, p, b.tissue)
+        log.info("infer %s (%s, %s): %d tiles, grid %dx%d at %g µm, %d tissue cells", name, mode, dev, len(blocks),
+                 gh, gw, output_um, int(tissue.sum()))
+        trunk_px = _map_blocks(model, img, grid, blocks, mode, dev, batch, maps, name, progress)
         thumb = thumbnail(img if sec is None else sec, net_um, output_um, image_um) if overlay else None
         seconds = time.perf_counter() - t_start
         final = maps.finish(output_um, image_um, pyramid_levels, thumb, {
             "image": img_where, "mode": mode, "classifier": model.source, "network_pixel_size_um": net_um,
             "window_px": S, "net_stride": s, "output_stride_px": T, "rf_margin_px": margin, "tile_px": tile_px,
             "n_tiles": len(blocks), "trunk_px": trunk_px, "device": str(dev), "seconds": round(seconds, 3)})
+    log.info("infer %s: done, %d tiles in %.1f s -> %s", name, len(blocks), time.perf_counter() - t_start, out_dir)
     return InferenceResult(Path(out_dir), final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks))
-
-
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -637,14 +673,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{res.paths['manifest']}: {res.n_locations} locations, grid {res.grid_shape[0]}x{res.grid_shape[1]} "
               f"at {res.output_um:g} µm, {res.seconds:.1f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.mapping.infer ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.mapping.infer", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy.ndimage import map_coordinates
@@ -81,7 +80,8 @@ def invert_affine(affine: np.ndarray, xyz: np.ndarray) -> tuple[np.ndarray, np.n
     return cr[:, 0], cr[:, 1]
 
 
-def invert_transform(transform: SectionTransform, xyz: np.ndarray, iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def invert_transform(transform: SectionTransform, xyz: np.ndarray,
+                     iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(cols, rows) of the nearest in-plane point of a section to each mm point (field: Gauss-Newton steps)."""
     cols, rows = invert_affine(transform.affine, xyz)
     if transform.field is None:
@@ -296,14 +296,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"smooth3d {args.brain}: {len(written)} section(s), sigma {args.sigma_um:g} µm, ±{args.neighbours}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cytonet.mapping.smooth3d ...`` (the same as the ``cytonet`` sub-command)."""
-    from cytonet.cli import stage_main
-
-    return stage_main("cytonet.mapping.smooth3d", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

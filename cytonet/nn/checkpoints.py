@@ -42,7 +42,7 @@ def load_latest_checkpoint(out_dir: Path) -> dict | None:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - an unreadable file must not block resuming from an older one
-            warnings.warn(f"{path}: unreadable checkpoint ({exc}); trying an older one")
+            warnings.warn(f"{path}: unreadable checkpoint ({exc}); trying an older one", stacklevel=2)
     return None
 
 

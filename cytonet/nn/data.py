@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,9 +52,10 @@ class PatchStores:
             ums.append(attrs.get("pixel_size_um"))
             self.brains.append(str(attrs.get("brain", t["brain"].iloc[0] if len(t) else p.name)))
         if len(set(sizes)) > 1:
-            raise ValueError(f"patch sizes differ between stores: {dict(zip(map(str, self.paths), sizes))}")
+            by_store = dict(zip(map(str, self.paths), sizes, strict=True))
+            raise ValueError(f"patch sizes differ between stores: {by_store}")
         if len({u for u in ums if u is not None}) > 1:
-            raise ValueError(f"pixel sizes differ between stores: {dict(zip(map(str, self.paths), ums))}")
+            raise ValueError(f"pixel sizes differ between stores: {dict(zip(map(str, self.paths), ums, strict=True))}")
         self.patch_px = sizes[0]
         self.pixel_size_um = next((float(u) for u in ums if u is not None), None)
         self.table = pd.concat(tables, ignore_index=True)
@@ -97,7 +98,7 @@ class PatchStores:
 
     @property
     def table_row(self) -> np.ndarray:
-        self.table_store
+        _ = self.table_store  # fills both column caches
         return self._row_col
 
     def xyz(self) -> np.ndarray:
@@ -225,14 +226,16 @@ class SpatialPairDataset(Dataset):
         else:
             v1 = augment(self.stores.read(anchor), gen, self.aug, self.out_px)
             v2 = augment(self.stores.read(other), gen, self.aug, self.out_px)
-        return {"view1": v1, "view2": v2, "key": torch.tensor(key), "xyz1": torch.tensor(self.xyz[anchor], dtype=torch.float32),
+        return {"view1": v1, "view2": v2, "key": torch.tensor(key),
+                "xyz1": torch.tensor(self.xyz[anchor], dtype=torch.float32),
                 "xyz2": torch.tensor(self.xyz[other], dtype=torch.float32), "fallback": torch.tensor(fallback)}
 
 
 def augment_views(raw: torch.Tensor, keys: torch.Tensor, seed: int, salt: int, aug: AugmentConfig | None = None,
                   out_px: int | None = None) -> torch.Tensor:
     """Augment a raw uint8 batch [B,H,W] where it lives (e.g. on the GPU), randomness keyed by draw."""
-    return torch.stack([augment(r, _item_generator(seed, int(k), salt), aug, out_px) for r, k in zip(raw, keys)])
+    return torch.stack([augment(r, _item_generator(seed, int(k), salt), aug, out_px)
+                        for r, k in zip(raw, keys, strict=True)])
 
 
 class AnchorSampler(Sampler):

@@ -89,7 +89,8 @@ def detect_env(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(device: str = "auto", env: DistEnv | None = None, timeout_s: float = 600.0) -> tuple[DistEnv, "torch.device"]:
+def init_distributed(device: str = "auto", env: DistEnv | None = None,
+                     timeout_s: float = 600.0) -> tuple[DistEnv, torch.device]:
     """Join the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
     import datetime
 

@@ -41,7 +41,7 @@ class SmallResNet(nn.Module):
                                   nn.MaxPool2d(3, stride=2, padding=1))
         layers: list[nn.Module] = []
         inplanes = widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
+        for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
             for j in range(n):
                 down = None

@@ -6,8 +6,8 @@ anti-aliasing by :mod:`cytonet.io.readers`):
 1. **Glass colours.** Pixels that are locally flat (3×3 std below a noise floor) and bright are binned by colour; the
    bins holding >= 0.3 % of the image whose brightness is within ``glass_band`` of the brightest such bin are
    candidates. The brightest is glass; another is glass only when a large flat region of it (pixels nearest to that
-   colour) reaches the outer glass, so flat pale white matter enclosed by cortex never becomes a glass colour. These are the
-   glass / background colours (e.g. white outside the slide *and* the slightly tinted slide itself). Dark flat areas
+   colour) reaches the outer glass, so flat pale white matter enclosed by cortex never becomes a glass colour. These are
+   the glass / background colours (e.g. white outside the slide *and* the slightly tinted slide itself). Dark flat areas
    (black scanner frames) are never glass.
 2. **Tissue candidates** are pixels whose (lightly smoothed) colour differs from every glass colour by more than a
    threshold set from the glass noise (``k·noise``, at least ``min_contrast`` grey levels). This keeps pale white
@@ -19,7 +19,8 @@ anti-aliasing by :mod:`cytonet.io.readers`):
    absolute area in mm²) are dust or labels; ones whose median is near-black or that are mostly achromatic-dark are
    rejected. Several large pieces are all kept.
 5. **Holes** enclosed by tissue are filled only when they are small (< ``max_fill_hole_px``) or not glass-coloured
-   (removed line pixels inside tissue, texture dips in pale white matter: mean distance to glass > thr/2). Glass-coloured holes (ventricles, sulcal gaps) stay holes.
+   (removed line pixels inside tissue, texture dips in pale white matter: mean distance to glass > thr/2).
+   Glass-coloured holes (ventricles, sulcal gaps) stay holes.
 
 Outputs: a 0/255 PNG mask on the working grid and a QC overlay PNG (thumbnail, tissue tinted, outline drawn).
 An empty result raises :class:`EmptySectionError`. No torch, no snakemake.
@@ -122,54 +123,53 @@ def _reaches(region: np.ndarray, target: np.ndarray, min_px: float) -> bool:
     return bool(touching.size) and float(np.max(ndimage.sum_labels(region, lab, touching))) >= min_px
 
 
-def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | None = None, *,
-                 pixel_size_um: float | None = None, min_contrast: float = 8.0, k_noise: float = 6.0,
-                 glass_band: float = 24.0, min_component_fraction: float = 0.01, min_component_mm2: float = 0.05,
-                 max_fill_hole_px: int = 9, achromatic_ratio: float = 0.25, return_info: bool = False) -> Any:
-    """Boolean tissue mask of a section (or of a (H, W) grey / (H, W, 3) RGB array) on a ``resolution_um`` grid.
-
-    For arrays, ``pixel_size_um`` gives their pixel size (used only for the absolute minimum component area) and
-    ``resolution_um`` is ignored. Returns the mask, or ``(mask, info)`` when ``return_info``.
-    """
+def _read_grey_rgb(section_or_array: Section | np.ndarray, resolution_um: float | None,
+                   pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """(grey float32, RGB float32 or None, µm/px or None) of a section at the working grid, or of an array."""
     if isinstance(section_or_array, Section):
         sec = section_or_array
         res = float(resolution_um) if resolution_um else default_resolution(sec)
         grey = sec.read(res).compute().astype(np.float32)
         rgb = sec.read_rgb(res)
         rgb = rgb.compute() if rgb is not None else None
-        px_um = res
-    else:
-        arr = np.asarray(section_or_array)
-        px_um = float(pixel_size_um or resolution_um or 0) or None
-        if arr.ndim == 3:
-            from cytonet.io.readers import to_stain
+        return grey, rgb, res
+    arr = np.asarray(section_or_array)
+    px_um = float(pixel_size_um or resolution_um or 0) or None
+    if arr.ndim == 3:
+        from cytonet.io.readers import to_stain
 
-            rgb = arr[..., :3].astype(np.float32)
-            grey = to_stain(arr).astype(np.float32)
-        else:
-            rgb, grey = None, arr.astype(np.float32)
-            if arr.dtype == np.uint16:
-                grey = grey / 257.0
-    info: dict[str, Any] = {}
-    H, W = grey.shape
-    # Light smoothing: noise in flat glass averages out, so a small colour offset (pale WM) becomes significant.
-    g_s = ndimage.gaussian_filter(grey, 1.0)
-    col = np.dstack([ndimage.gaussian_filter(rgb[..., c], 1.0) for c in range(3)]) if rgb is not None else g_s[..., None]
-    glass, noise, flat = _glass_colours(col, grey, glass_band)
-    info["glass_noise"] = noise
-    # 2. glass map. The brightest flat colour is glass everywhere. Other flat colours (a tinted slide on a white
-    # scan background) count as glass only where their region touches the image border or the outer glass, so a
-    # large flat pale white-matter region enclosed by cortex is never taken for glass.
-    thr = max(min_contrast, k_noise * noise) * (math.sqrt(col.shape[-1]) if col.shape[-1] > 1 else 1.0) ** 0.5
-    info["threshold"] = thr
-    light = glass.mean(axis=1)
-    dists = np.linalg.norm(col[:, :, None, :] - glass[None, None, :, :], axis=-1)
-    # The brightest flat colour (with the black frame) defines the outer glass.
+        rgb = arr[..., :3].astype(np.float32)
+        grey = to_stain(arr).astype(np.float32)
+    else:
+        rgb, grey = None, arr.astype(np.float32)
+        if arr.dtype == np.uint16:
+            grey = grey / 257.0
+    return grey, rgb, px_um
+
+
+def _near_outer_glass(dists: np.ndarray, light: np.ndarray, g_s: np.ndarray, thr: float) -> np.ndarray:
+    """Pixels at or next to the outer glass: the brightest flat colour (with the black frame) reaching the border."""
+    H, W = g_s.shape
     edge = np.zeros((H, W), bool)
     edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
     blab, _ = ndimage.label((dists[..., int(np.argmax(light))] <= thr) | (g_s < 35.0))
     outer = np.isin(blab, np.unique(blab[edge & (blab > 0)]))
-    near_outer = ndimage.binary_dilation(outer, iterations=2) | edge
+    return ndimage.binary_dilation(outer, iterations=2) | edge
+
+
+def _glass_map(col: np.ndarray, g_s: np.ndarray, glass: np.ndarray, flat: np.ndarray, thr: float,
+               info: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Step 2: the accepted glass colours and where glass is.
+
+    The brightest flat colour is glass everywhere. Other flat colours (a tinted slide on a white scan background)
+    count as glass only where their region touches the image border or the outer glass, so a large flat pale
+    white-matter region enclosed by cortex is never taken for glass. Returns (glass colours, nearest glass colour
+    per pixel, distance to the primary glass colours, glass map, distance to the nearest glass colour).
+    """
+    H, W = g_s.shape
+    light = glass.mean(axis=1)
+    dists = np.linalg.norm(col[:, :, None, :] - glass[None, None, :, :], axis=-1)
+    near_outer = _near_outer_glass(dists, light, g_s, thr)
     # Any other flat colour is glass only when a large flat region of it reaches the outer glass (a tinted slide
     # does). Flat pale white matter enclosed by cortex does not: taking its colour for glass would lose it, and
     # with it the pale layer-I rim that touches the outer glass.
@@ -189,9 +189,13 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         touching = np.unique(slab[near_outer & sec_map])
         glass_map |= np.isin(slab, touching[touching > 0])
     dist = np.take_along_axis(dists, nearest[..., None], axis=-1)[..., 0]
-    cand = ~glass_map
-    info["glass_fraction"] = float(glass_map.mean())
-    # 3. artefact pixels: near-black (frames, ink) always.
+    return glass, nearest, dist_primary, glass_map, dist
+
+
+def _artefact_pixels(g_s: np.ndarray, rgb: np.ndarray | None, col: np.ndarray, glass: np.ndarray,
+                     nearest: np.ndarray, cand: np.ndarray, achromatic_ratio: float,
+                     info: dict[str, Any]) -> np.ndarray:
+    """Step 3a: near-black pixels (frames, ink) always; dark achromatic ones (pen, grid lines) on colour stains."""
     art = g_s < 35.0
     colour_stain = False
     if rgb is not None and cand.any():
@@ -206,6 +210,11 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         if colour_stain:
             art |= (od_mean > 0.08) & (od_ratio < achromatic_ratio)
     info["colour_stain"] = colour_stain
+    return art
+
+
+def _drop_artefacts(cand: np.ndarray, art: np.ndarray, g_s: np.ndarray) -> np.ndarray:
+    """Step 3b: remove artefact pixels and thin structures from the tissue candidates."""
     # The blurred rim of a black frame is neither black nor glass: exclude a 2-px band around black areas.
     black_zone = ndimage.binary_dilation(g_s < 35.0, iterations=2)
     art |= black_zone
@@ -222,12 +231,15 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
     art_thick = ndimage.binary_opening(art, structure=np.ones((5, 5), bool))
     disk = _disk(3)
     cand |= art & ~art_thick & ~black_zone & ndimage.binary_closing(cand, structure=disk, border_value=0)
-    # 4. components
+    return cand
+
+
+def _keep_components(cand: np.ndarray, g_s: np.ndarray, px_um: float | None, min_component_fraction: float,
+                     min_component_mm2: float) -> tuple[np.ndarray, int, float] | None:
+    """Step 4: (mask of the kept components, how many, minimum area in px), or None when there is no component."""
     lab, n = ndimage.label(cand, structure=np.ones((3, 3), bool))
     if n == 0:
-        info["n_components"] = 0
-        mask = np.zeros((H, W), bool)
-        return (mask, info) if return_info else mask
+        return None
     idx = np.arange(1, n + 1)
     areas = ndimage.sum_labels(np.ones_like(cand), lab, idx)
     med = ndimage.median(g_s, lab, idx)
@@ -236,8 +248,12 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         min_area = max(min_area, min_component_mm2 * 1e6 / (px_um * px_um))
         min_area = min(min_area, 0.5 * areas.max())  # never drop the largest piece for being small
     keep = (areas >= min_area) & (np.asarray(med) >= 35.0)
-    mask = np.isin(lab, idx[keep])
-    # 5. holes: fill small ones and non-glass ones (cut artefact lines inside tissue); keep ventricles/sulci.
+    return np.isin(lab, idx[keep]), int(keep.sum()), float(min_area)
+
+
+def _fill_holes(mask: np.ndarray, glass_map: np.ndarray, dist_primary: np.ndarray, dist: np.ndarray, thr: float,
+                max_fill_hole_px: int) -> np.ndarray:
+    """Step 5: fill small holes and non-glass ones (cut artefact lines inside tissue); keep ventricles/sulci."""
     holes = ndimage.binary_fill_holes(mask) & ~mask
     hlab, hn = ndimage.label(holes)
     if hn:
@@ -249,7 +265,47 @@ def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | 
         hdist = ndimage.mean(np.where(glass_map & (dist_primary > thr), dist, dist_primary), hlab, hidx)
         fill = (harea <= max_fill_hole_px) | (hglass < 0.5) | (np.asarray(hdist) > 0.5 * thr)
         mask |= np.isin(hlab, hidx[fill])
-    info.update(n_components=int(keep.sum()), min_area_px=float(min_area), shape=(H, W))
+    return mask
+
+
+def compute_mask(section_or_array: Section | np.ndarray, resolution_um: float | None = None, *,
+                 pixel_size_um: float | None = None, min_contrast: float = 8.0, k_noise: float = 6.0,
+                 glass_band: float = 24.0, min_component_fraction: float = 0.01, min_component_mm2: float = 0.05,
+                 max_fill_hole_px: int = 9, achromatic_ratio: float = 0.25, return_info: bool = False) -> Any:
+    """Boolean tissue mask of a section (or of a (H, W) grey / (H, W, 3) RGB array) on a ``resolution_um`` grid.
+
+    For arrays, ``pixel_size_um`` gives their pixel size (used only for the absolute minimum component area) and
+    ``resolution_um`` is ignored. Returns the mask, or ``(mask, info)`` when ``return_info``.
+    The steps are those of the module docstring.
+    """
+    grey, rgb, px_um = _read_grey_rgb(section_or_array, resolution_um, pixel_size_um)
+    info: dict[str, Any] = {}
+    H, W = grey.shape
+    # Light smoothing: noise in flat glass averages out, so a small colour offset (pale WM) becomes significant.
+    g_s = ndimage.gaussian_filter(grey, 1.0)
+    col = (np.dstack([ndimage.gaussian_filter(rgb[..., c], 1.0) for c in range(3)]) if rgb is not None
+           else g_s[..., None])
+    # 1. glass colours and the threshold set from their noise
+    glass, noise, flat = _glass_colours(col, grey, glass_band)
+    info["glass_noise"] = noise
+    thr = max(min_contrast, k_noise * noise) * (math.sqrt(col.shape[-1]) if col.shape[-1] > 1 else 1.0) ** 0.5
+    info["threshold"] = thr
+    # 2. glass map; tissue candidates are the rest
+    glass, nearest, dist_primary, glass_map, dist = _glass_map(col, g_s, glass, flat, thr, info)
+    cand = ~glass_map
+    info["glass_fraction"] = float(glass_map.mean())
+    # 3. artefact pixels
+    art = _artefact_pixels(g_s, rgb, col, glass, nearest, cand, achromatic_ratio, info)
+    cand = _drop_artefacts(cand, art, g_s)
+    # 4. components, 5. holes
+    kept = _keep_components(cand, g_s, px_um, min_component_fraction, min_component_mm2)
+    if kept is None:
+        info["n_components"] = 0
+        mask = np.zeros((H, W), bool)
+        return (mask, info) if return_info else mask
+    mask, n_kept, min_area = kept
+    mask = _fill_holes(mask, glass_map, dist_primary, dist, thr, max_fill_hole_px)
+    info.update(n_components=n_kept, min_area_px=min_area, shape=(H, W))
     return (mask, info) if return_info else mask
 
 

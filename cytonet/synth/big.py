@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cytonet.io import logs
+
 from .demo import brain_model, make_section
 from .params import DemoParams
 from .tiff import write_pyramid_tiled
@@ -58,11 +60,7 @@ def write_big_section(path: str | Path, size_px: int, pixel_size_um: float = 2.0
     def strips(pool):
         # imap keeps the strips in order and only a bounded number in flight.
         it = pool.imap(_render_strip, jobs) if pool else map(_render_strip, jobs)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(jobs), desc="big section", unit="strip")
-        yield from it
+        yield from logs.progress(it, total=len(jobs), desc="big section", unit="strip", enabled=progress)
 
     if n_jobs > 1:
         with get_context("spawn").Pool(n_jobs) as pool:

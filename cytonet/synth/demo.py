@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cytonet.io import logs
+
 from .geometry import BrainModel, SectionGeometry
 from .params import DemoParams
 from .reference import area_models
@@ -194,9 +196,10 @@ def generate_brain(brain_id: str, demo_cfg: dict[str, Any] | DemoParams | None, 
     if p.n_jobs > 1:
         with ProcessPoolExecutor(p.n_jobs) as ex:
             it = ex.map(_write_section, jobs)
-            rows = list(_progress(it, len(jobs), brain_id, progress))
+            rows = list(logs.progress(it, total=len(jobs), desc=brain_id, unit="section", enabled=progress))
     else:
-        rows = list(_progress(map(_write_section, jobs), len(jobs), brain_id, progress))
+        rows = list(logs.progress(map(_write_section, jobs), total=len(jobs), desc=brain_id, unit="section",
+                                  enabled=progress))
     thumb = next(r["_thumb"] for r in rows if r["_thumb"] is not None)
     write_preview(out / "previews" / f"{brain_id}.png", *thumb, title=f"{brain_id} ({p.role(brain_id)})")
     table = bdir / "sections.csv"
@@ -205,14 +208,6 @@ def generate_brain(brain_id: str, demo_cfg: dict[str, Any] | DemoParams | None, 
         w.writeheader()
         w.writerows(rows)
     return table
-
-
-def _progress(it, total: int, desc: str, show: bool):
-    if not show:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="section")
 
 
 def areas_rows() -> list[dict[str, Any]]:

@@ -134,7 +134,7 @@ class SectionGeometry:
     ventricle_ok: bool
 
     @classmethod
-    def build(cls, brain: BrainModel, z_mm: float, extent_mm: float, step_mm: float) -> "SectionGeometry":
+    def build(cls, brain: BrainModel, z_mm: float, extent_mm: float, step_mm: float) -> SectionGeometry:
         """Compute the coarse geometry covering ``[-extent/2, extent/2]²``."""
         n = int(np.ceil(extent_mm / step_mm)) + 1
         x0 = -extent_mm / 2
@@ -150,7 +150,7 @@ class SectionGeometry:
         L = brain.sheet_length(z_mm)
         # outer pial points: s = theta * R0 plus the unfolded walls of all sulci before theta
         s_bg[:] = th * brain.R0
-        for j, k in enumerate(order):
+        for _j, k in enumerate(order):
             s_bg += np.where(th > theta_k[k], 2 * depth_k[k], 0.0)
         off = 0.0
         for k in order:

@@ -30,7 +30,7 @@ class DemoParams:
     n_jobs: int = 1  #: parallel worker processes for section generation
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> "DemoParams":
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> DemoParams:
         """Validate a plain ``demo:`` dict (unknown keys and bad types raise DemoConfigError naming the key)."""
         cfg = dict(cfg or {})
         known = {f.name: f for f in fields(cls)}

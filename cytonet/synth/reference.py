@@ -128,8 +128,9 @@ def area_models(ref: pd.DataFrame | None = None, equalise: float = EQUALISE) -> 
     """Turn the reference table into per-area rendering models.
 
     Rules (modelling assumptions on top of the measured values): koniocortex (OC, PB) gets a denser layer IV, split
-    in OC into IVa / cell-poor IVb (stria of Gennari) / dense IVc; FA gets sparse giant Betz cells in layer Vb; densities are then scaled per area so that the
-    mean cortical darkness moves towards the mean of all areas (``equalise`` = 1: equal), so areas differ by lamination only.
+    in OC into IVa / cell-poor IVb (stria of Gennari) / dense IVc; FA gets sparse giant Betz cells in layer Vb;
+    densities are then scaled per area so that the mean cortical darkness moves towards the mean of all areas
+    (``equalise`` = 1: equal), so areas differ by lamination only.
     """
     ref = load_reference() if ref is None else ref
     models = []

@@ -62,7 +62,7 @@ class Style:
     density_scale: np.ndarray  # per layer I..VI, brain-specific
 
     @classmethod
-    def draw(cls, brain_rng: np.random.Generator, sec_rng: np.random.Generator, variation: float) -> "Style":
+    def draw(cls, brain_rng: np.random.Generator, sec_rng: np.random.Generator, variation: float) -> Style:
         """Brain-level stain parameters, jittered per section."""
         v = variation
         b = brain_rng

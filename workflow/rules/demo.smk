@@ -1,11 +1,4 @@
-# Demo brains: the built-in phantom dataset (cytonet/synth). One job per brain.
-DEMO = config["demo"]["out_dir"]
-
-
-def demo_outputs() -> list[str]:
-    if not config["demo"]["enabled"]:
-        return []
-    return [f"{DEMO}/brains.csv", *[f"{DEMO}/previews/{b}.png" for b in BRAINS]]
+# Demo brains: the built-in phantom dataset (cytonet/synth). One job per brain. DEMO and demo_outputs(): common.smk.
 
 
 if config["demo"]["enabled"]:
@@ -14,13 +7,16 @@ if config["demo"]["enabled"]:
         output:
             brains=f"{DEMO}/brains.csv",
             areas=f"{DEMO}/areas.csv",
-        params:
-            demo=as_json(DEMO_PARAMS),
-            code=fingerprint("synth"),
         log:
             f"{R}/logs/demo/tables.log",
+        conda:
+            "../../envs/cytonet.yaml"
+        params:
+            demo=as_json(DEMO_PARAMS),
+            out=lambda wc, output: os.path.dirname(output.brains),  # DEMO
+            code=fingerprint_stage("make-demo"),
         shell:
-            "cytonet make-demo --tables-only --params {params.demo} --out {DEMO} > {log} 2>&1"
+            "cytonet make-demo --tables-only --params {params.demo} --out {params.out} > {log} 2>&1"
 
     # One job per brain; its rule is written out per brain so that every section image is a declared output.
     for _brain in BRAINS:
@@ -34,11 +30,14 @@ if config["demo"]["enabled"]:
                     f"{DEMO}/previews/{_brain}.png", caption="../report/preview.rst", category="0. Demo brains"
                 ),
                 images=[f"{DEMO}/{_brain}/images/{s}.ome.tif" for s in sections_of(_brain)],
+            log:
+                f"{R}/logs/demo/{_brain}.log",
+            conda:
+                "../../envs/cytonet.yaml"
             params:
                 brain=_brain,
                 demo=as_json(DEMO_PARAMS),
-                code=fingerprint("synth"),
-            log:
-                f"{R}/logs/demo/{_brain}.log",
+                out=lambda wc, output: os.path.dirname(os.path.dirname(output.sections)),  # DEMO/<brain>/.. = DEMO
+                code=fingerprint_stage("make-demo"),
             shell:
-                "cytonet make-demo --brain {params.brain} --params {params.demo} --out {DEMO} > {log} 2>&1"
+                "cytonet make-demo --brain {params.brain} --params {params.demo} --out {params.out} > {log} 2>&1"

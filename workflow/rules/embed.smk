@@ -16,17 +16,19 @@ rule embed:
         separation_json=report(
             f"{R}/embedding/separation.json", caption="../report/separation.rst", category="4. Embedding"
         ),
+    log:
+        f"{R}/logs/embed.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["embed"]
     params:
         stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
         per_area=config["embed"]["per_area"],
         seed=config["embed"]["seed"],
         features=config["embed"]["features"],
-        out=f"{R}/embedding",
-        code=fingerprint("embed", "pretrain", "models"),
-    threads: config["threads"]["embed"]
-    log:
-        f"{R}/logs/embed.log",
+        out=lambda wc, output: os.path.dirname(output.separation),
+        code=fingerprint_stage("embed"),
     shell:
         "cytonet embed --encoder {input.encoder} {params.stores} --areas {input.areas} --brains {input.brains}"
         " --out {params.out} --per-area {params.per_area} --seed {params.seed} --features {params.features}"
-        " --threads {threads} --quiet > {log} 2>&1"
+        " --threads {threads} > {log} 2>&1"

@@ -1,12 +1,6 @@
 # The known-vs-unknown-brain comparison on patches: CytoNet (SpatialNCE + finetune), the same encoder from random
 # init, the ablation and the laminar-profile baseline, each over evaluate.seeds.
-MODEL_NAMES = {"cytonet": "CytoNet", "random_init": "random init", "ablation": config["evaluate"]["ablation_name"]}
-
-
-def model_specs(wildcards, input) -> str:
-    return " ".join(
-        f"--model '{MODEL_NAMES[m]}={R}/finetune/{m}/seed{s}/classifier.pt'" for m in MODELS for s in SEEDS
-    )
+# MODEL_NAMES and model_specs(): common.smk.
 
 
 rule evaluate:
@@ -21,17 +15,19 @@ rule evaluate:
         table=report(f"{R}/evaluation/summary.csv", caption="../report/evaluation.rst", category="2. Evaluation"),
         metrics=f"{R}/evaluation/metrics.csv",
         plot=report(f"{R}/evaluation/macro_f1.png", caption="../report/evaluation_plot.rst", category="2. Evaluation"),
+    log:
+        f"{R}/logs/evaluate.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["evaluate"]
     params:
         models=model_specs,
         stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
         seeds=" ".join(str(s) for s in SEEDS),
         val_fraction=config["finetune"]["val_fraction"],
-        out=f"{R}/evaluation",
-        code=fingerprint("evaluate", "baselines", "finetune", "models"),
-    threads: config["threads"]["evaluate"]
-    log:
-        f"{R}/logs/evaluate.log",
+        out=lambda wc, output: os.path.dirname(output.summary),
+        code=fingerprint_stage("evaluate"),
     shell:
         "cytonet evaluate --brains {input.brains} --areas {input.areas} {params.stores} {params.models}"
         " --profile-baseline-seeds {params.seeds} --profile-baseline-val-fraction {params.val_fraction}"
-        " --out {params.out} --threads {threads} --no-progress > {log} 2>&1"
+        " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -1,23 +1,7 @@
 # Finetuning: area classifiers trained on the annotated sections of the known brains, one job per compared model
 # and seed. "cytonet" starts from the SpatialNCE encoder, "random_init" from scratch with the same recipe, and
 # "ablation" is CytoNet with the finetune keys of evaluate.ablation_finetune changed.
-MODELS = ["cytonet", "random_init", "ablation"]
-SEEDS = config["evaluate"]["seeds"]
-
-wildcard_constraints:
-    model="|".join(MODELS),
-    seed=r"\d+",
-
-
-def known_brains() -> list[str]:
-    return sorted(SECTIONS.loc[SECTIONS.role == "known", "brain_id"].unique())
-
-
-def finetune_params(wildcards) -> str:
-    params = dict(config["finetune"], seed=int(wildcards.seed))
-    if wildcards.model == "ablation":
-        params.update(config["evaluate"]["ablation_finetune"])
-    return as_json(params)
+# MODELS, SEEDS (and the model/seed wildcard constraints), known_brains(), finetune_params(): common.smk.
 
 
 rule finetune:
@@ -29,15 +13,17 @@ rule finetune:
         areas=areas_table(),
     output:
         classifier=f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt",
+    log:
+        f"{R}/logs/finetune/{{model}}_seed{{seed}}.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["finetune"]
     params:
         stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
         encoder=lambda wc, input: f"--encoder-checkpoint {input.encoder[0]}" if input.encoder else "",
         finetune=finetune_params,
-        out=f"{R}/finetune/{{model}}/seed{{seed}}",
-        code=fingerprint("finetune", "models", "patchdata"),
-    threads: config["threads"]["finetune"]
-    log:
-        f"{R}/logs/finetune/{{model}}_seed{{seed}}.log",
+        out=lambda wc, output: os.path.dirname(output.classifier),
+        code=fingerprint_stage("finetune"),
     shell:
         "cytonet finetune {params.stores} {params.encoder} --out {params.out} --areas {input.areas}"
         " --brains {input.brains} --params {params.finetune} --threads {threads} > {log} 2>&1"

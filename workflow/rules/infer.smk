@@ -3,11 +3,7 @@
 # section-level metrics compare them). One process per section starts Python and loads torch once for all models
 # (each model still reads the section's tiles itself).
 # `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
-MAP_MODELS = config["infer"]["models"]
-
-
-def all_maps() -> list[str]:
-    return [f"{R}/maps/{m}/{b}/{s}_infer.json" for m in MAP_MODELS for b in BRAINS for s in sections_of(b)]
+# MAP_MODELS and all_maps(): common.smk.
 
 
 rule infer:
@@ -18,9 +14,15 @@ rule infer:
         areas=areas_table(),
     output:
         manifests=[f"{R}/maps/{m}/{{brain}}/{{section}}_infer.json" for m in MAP_MODELS],
+    log:
+        f"{R}/logs/infer/{{brain}}/{{section}}.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["infer"]
     params:
-        models=lambda wc, input: " ".join(
-            f"--classifier {c} --out {R}/maps/{m}/{wc.brain}" for m, c in zip(MAP_MODELS, input.classifiers)
+        # one --classifier/--out pair per model, in MAP_MODELS order: --out is the folder of its manifest
+        models=lambda wc, input, output: " ".join(
+            f"--classifier {c} --out {os.path.dirname(m)}" for c, m in zip(input.classifiers, output.manifests)
         ),
         pixel_size=pixel_size_option,
         output_um=config["infer"]["output_um"],
@@ -28,15 +30,12 @@ rule infer:
         tile=config["infer"]["tile_px"],
         mode=config["infer"]["mode"],
         halo="" if config["infer"]["halo_px"] is None else f"--halo-px {config['infer']['halo_px']}",
-        code=fingerprint("infer", "mapio", "models", "readers", "finetune"),
-    threads: config["threads"]["infer"]
-    log:
-        f"{R}/logs/infer/{{brain}}/{{section}}.log",
+        code=fingerprint_stage("infer"),
     shell:
         "cytonet infer --image {input.image} --mask {input.mask} {params.models}"
         " --areas {input.areas} --name {wildcards.section} {params.pixel_size}"
         " --output-um {params.output_um} --uncertain-below {params.uncertain} --tile-px {params.tile}"
-        " --mode {params.mode} {params.halo} --threads {threads} --no-progress > {log} 2>&1"
+        " --mode {params.mode} {params.halo} --threads {threads} > {log} 2>&1"
 
 
 # Optional 3D consistency: smooth each section's probabilities with its neighbours' through their 3D transforms.
@@ -53,16 +52,18 @@ for _brain in BRAINS:
             brains=brains_table(),
         output:
             manifests=[f"{R}/maps/cytonet_smooth3d/{_brain}/{s}_infer.json" for s in sections_of(_brain)],
+        log:
+            f"{R}/logs/smooth3d/{_brain}.log",
+        conda:
+            "../../envs/cytonet.yaml"
         params:
             brain=_brain,
-            pred=f"{R}/maps/cytonet/{_brain}",
-            out=f"{R}/maps/cytonet_smooth3d/{_brain}",
+            pred=lambda wc, input: os.path.dirname(input.maps[0]),
+            out=lambda wc, output: os.path.dirname(output.manifests[0]),
             sigma=config["smooth3d"]["sigma_um"],
             neighbours=config["smooth3d"]["neighbours"],
             thickness=config["section_thickness_um"],
-            code=fingerprint("smooth3d", "mapio", "transforms", "tables"),
-        log:
-            f"{R}/logs/smooth3d/{_brain}.log",
+            code=fingerprint_stage("smooth3d"),
         shell:
             "cytonet smooth3d --brains {input.brains} --brain {params.brain}"
             " --pred {params.pred} --out {params.out} --sigma-um {params.sigma} --neighbours {params.neighbours}"

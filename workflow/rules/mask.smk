@@ -1,8 +1,4 @@
-# Tissue masking: one job per section, at the low working resolution mask.resolution_um.
-
-
-def all_masks() -> list[str]:
-    return [f"{R}/masks/{b}/{s}.png" for b in BRAINS for s in sections_of(b)]
+# Tissue masking: one job per section, at the low working resolution mask.resolution_um. all_masks(): common.smk.
 
 
 rule mask:
@@ -16,13 +12,15 @@ rule mask:
             category="1. Masking QC",
             subcategory="{brain}",
         ),
+    log:
+        f"{R}/logs/mask/{{brain}}/{{section}}.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["mask"]
     params:
         resolution=config["mask"]["resolution_um"],
         pixel_size=pixel_size_option,
-        code=fingerprint("mask", "readers"),  # edits to these modules rerun masking
-    threads: config["threads"]["mask"]
-    log:
-        f"{R}/logs/mask/{{brain}}/{{section}}.log",
+        code=fingerprint_stage("mask"),  # an edit to any module `cytonet mask` imports reruns masking
     shell:
         "cytonet mask {input.image} -o {output.mask} --qc {output.qc} --resolution {params.resolution}"
         " {params.pixel_size} --section-id {wildcards.section} > {log} 2>&1"

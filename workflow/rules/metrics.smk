@@ -1,10 +1,5 @@
 # Section metrics against the ground truth (where a section has one), then the per-brain and overall tables,
-# the maps index and a montage per brain.
-METRIC_MODELS = MAP_MODELS + (["cytonet_smooth3d"] if config["smooth3d"]["enabled"] else [])
-
-
-def all_section_metrics() -> list[str]:
-    return [f"{R}/metrics/{m}/{b}/{s}.json" for m in METRIC_MODELS for b in BRAINS for s in sections_of(b)]
+# the maps index and a montage per brain. METRIC_MODELS and all_section_metrics(): common.smk.
 
 
 # One job per section scores every model's map of it (one process reads the ground truth and imports once).
@@ -15,15 +10,18 @@ rule section_metrics:
     output:
         csv=[f"{R}/metrics/{m}/{{brain}}/{{section}}.csv" for m in METRIC_MODELS],
         json=[f"{R}/metrics/{m}/{{brain}}/{{section}}.json" for m in METRIC_MODELS],
-    params:
-        models=lambda wc, output: " ".join(
-            f"--model {m} --pred {R}/maps/{m}/{wc.brain} --out-csv {c} --out-json {j}"
-            for m, c, j in zip(METRIC_MODELS, output.csv, output.json)
-        ),
-        thickness=config["section_thickness_um"],
-        code=fingerprint("section_metrics", "tables"),
     log:
         f"{R}/logs/section_metrics/{{brain}}/{{section}}.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    params:
+        # one --model/--pred/--out-csv/--out-json group per model, in METRIC_MODELS order: --pred is its maps' folder
+        models=lambda wc, input, output: " ".join(
+            f"--model {m} --pred {os.path.dirname(p)} --out-csv {c} --out-json {j}"
+            for m, p, c, j in zip(METRIC_MODELS, input.maps, output.csv, output.json)
+        ),
+        thickness=config["section_thickness_um"],
+        code=fingerprint_stage("section-metrics"),
     shell:
         "cytonet section-metrics --brains {input.brains} --brain {wildcards.brain} --section {wildcards.section}"
         " {params.models} --section-thickness-um {params.thickness} > {log} 2>&1"
@@ -47,10 +45,12 @@ rule aggregate:
             report(f"{R}/summary/montage_{b}.png", caption="../report/montage.rst", category="3. Area maps")
             for b in BRAINS
         ],
-    params:
-        out=f"{R}/summary",
-        code=fingerprint("aggregate"),
     log:
         f"{R}/logs/aggregate.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    params:
+        out=lambda wc, output: os.path.dirname(output.overall),
+        code=fingerprint_stage("aggregate"),
     shell:
         "cytonet aggregate --metrics {input} --out {params.out} --montage-model cytonet > {log} 2>&1"

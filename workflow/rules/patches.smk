@@ -1,9 +1,5 @@
 # Patch extraction: one sharded Zarr v3 store + Parquet table per brain. manifest.json is written last and
-# marks the store complete, so it is the declared output.
-
-
-def all_patch_stores() -> list[str]:
-    return [f"{R}/patches/{b}/manifest.json" for b in BRAINS]
+# marks the store complete, so it is the declared output. all_patch_stores(): common.smk.
 
 
 rule patches:
@@ -14,15 +10,17 @@ rule patches:
         areas=areas_table(),
     output:
         manifest=f"{R}/patches/{{brain}}/manifest.json",
+    log:
+        f"{R}/logs/patches/{{brain}}.log",
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["patches"]
     params:
         patches=as_json(config["patches"]),
         dask=as_json(config["dask"]),  # where the Dask workers run (LocalCluster of {threads}, or Slurm jobs)
-        out=f"{R}/patches/{{brain}}",
-        masks=f"{R}/masks/{{brain}}",
-        code=fingerprint("patches", "readers", "tables", "transforms", "dask_cluster"),
-    threads: config["threads"]["patches"]
-    log:
-        f"{R}/logs/patches/{{brain}}.log",
+        out=lambda wc, output: os.path.dirname(output.manifest),
+        masks=lambda wc, input: os.path.dirname(input.masks[0]),
+        code=fingerprint_stage("patches"),
     shell:
         "cytonet patches --brain {wildcards.brain} --brains-table {input.brains} --areas {input.areas}"
         " --masks-dir {params.masks} --out {params.out} --threads {threads} --dask {params.dask}"

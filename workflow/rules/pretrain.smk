@@ -8,20 +8,22 @@ rule pretrain:
         spec=f"{R}/training/pretrain.json",
     output:
         encoder=f"{R}/pretrain/encoder.pt",
-    params:
-        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
-        pretrain=as_json(config["pretrain"]),
-        out=f"{R}/pretrain",
-        nproc=config["launch"]["nproc"],
-        code=fingerprint("pretrain", "models", "patchdata", "distributed"),
-    threads: config["threads"]["pretrain"]
+    log:
+        f"{R}/logs/pretrain.log",
     priority: 10  # on the critical path: finetuning, inference and the embedding wait for it
+    conda:
+        "../../envs/cytonet.yaml"
+    threads: config["threads"]["pretrain"]
     resources:
         # Empty locally. The jureca profile sets it to the srun line that starts one rank per GPU on every node
         # of the job (a Slurm job with an `mpi` resource runs its command in the batch script, without srun -n1).
         mpi="",
-    log:
-        f"{R}/logs/pretrain.log",
+    params:
+        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
+        pretrain=as_json(config["pretrain"]),
+        out=lambda wc, output: os.path.dirname(output.encoder),
+        nproc=config["launch"]["nproc"],
+        code=fingerprint_stage("pretrain"),
     shell:
         "{resources.mpi} cytonet pretrain {params.stores} --out {params.out} --params {params.pretrain}"
-        " --nproc {params.nproc} --threads {threads} --no-progress > {log} 2>&1"
+        " --nproc {params.nproc} --threads {threads} > {log} 2>&1"

@@ -8,5 +8,8 @@ rule benchmarks_page:
         report(f"{R}/report/benchmarks.html", caption="../report/benchmarks.rst", category="5. Benchmarks"),
     log:
         f"{R}/logs/benchmarks_page.log",
+    conda:
+        # `python -m markdown`: Markdown is one of cytonet's dependencies, so the package's environment has it
+        "../../envs/cytonet.yaml"
     shell:
         "python -m markdown -x tables {input} > {output} 2> {log}"

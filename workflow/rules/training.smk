@@ -13,35 +13,13 @@
 # a changed brains or areas table (ordinary inputs of finetune and evaluate).
 # retrain_on_new_sections: true makes the stores ordinary inputs again: every rebuilt store retrains everything.
 
-# Modules whose code decides what is in a patch store (dask_cluster only decides where it is computed).
-PATCH_DATA_CODE = ("patches", "readers", "tables", "transforms")
-
-
-def training_stores(brains) -> list:
-    """The patch-store manifests of ``brains`` as inputs of a training stage (ancient unless configured)."""
-    stores = [f"{R}/patches/{b}/manifest.json" for b in brains]
-    return stores if config["retrain_on_new_sections"] else [ancient(s) for s in stores]
-
-
-def training_spec(stage: str) -> dict:
-    """What retrains ``stage`` (pretrain, finetune_<model>, evaluate) besides its inputs."""
-    spec = {"patches": config["patches"]}
-    if stage == "pretrain":
-        spec.update(pretrain=config["pretrain"], nproc=config["launch"]["nproc"],
-                    code=fingerprint(*PATCH_DATA_CODE, "pretrain", "models", "patchdata", "distributed"))
-    elif stage.startswith("finetune_"):
-        model = stage[len("finetune_"):]
-        finetune = dict(config["finetune"])
-        if model == "ablation":
-            finetune.update(config["evaluate"]["ablation_finetune"])
-        spec.update(model=model, finetune=finetune,
-                    code=fingerprint(*PATCH_DATA_CODE, "finetune", "models", "patchdata"))
-    elif stage == "evaluate":
-        spec.update(evaluate=config["evaluate"], val_fraction=config["finetune"]["val_fraction"],
-                    code=fingerprint(*PATCH_DATA_CODE, "evaluate", "baselines", "finetune", "models"))
-    else:
-        raise ValueError(f"no training spec for stage {stage!r}")
-    return spec
+# The helpers (PATCH_DATA_CODE, training_code, training_stores, training_spec) are in common.smk. What each
+# training spec fingerprints: the patch-data code plus the import closure of the stage's own command.
+TRAINING_CODE = {
+    "pretrain": training_code("pretrain"),
+    "finetune": training_code("finetune"),
+    "evaluate": training_code("evaluate"),
+}
 
 
 localrules:
@@ -51,9 +29,14 @@ localrules:
 rule training_spec:
     output:
         spec=f"{R}/training/{{stage}}.json",
+    log:
+        f"{R}/logs/training/{{stage}}.log",
     wildcard_constraints:
         stage="pretrain|evaluate|finetune_[a-z_]+",
+    conda:
+        # printf needs no package; the workflow's one environment keeps every rule's software declared
+        "../../envs/cytonet.yaml"
     params:
         spec=lambda wc: as_json(training_spec(wc.stage)),
     shell:
-        "printf '%s\\n' {params.spec} > {output.spec}"
+        "printf '%s\\n' {params.spec} > {output.spec} 2> {log}"
