@@ -15,6 +15,8 @@ report: "workflow/report/workflow.rst"
 
 
 # Validate before any job starts: unknown keys and wrong types stop here, naming the key. Defaults are filled in.
+# USER_CONFIG keeps the keys as written (the plan in common.smk tells a user's choice from a default).
+USER_CONFIG = dict(config)
 _validated = validate_config(config)
 config.clear()
 config.update(_validated)
@@ -36,15 +38,18 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/report.smk"
 
 
+# What the plan runs (common.smk, cytonet/io/plan.py): everything with annotated sections; mask, patches, pretrain
+# and embed without any; mask, infer and the metrics with `model: BUNDLE`.
 rule all:
     default_target: True
     input:
         demo_outputs(),
-        all_masks(),
-        all_patch_stores(),
-        expand(f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt", model=MODELS, seed=SEEDS),
-        rules.evaluate.output,
-        all_maps(),
-        rules.aggregate.output,
-        rules.embed.output,
-        rules.benchmarks_page.output,
+        planned("mask", all_masks()),
+        planned("patches", all_patch_stores()),
+        planned("pretrain", rules.pretrain.output),
+        planned("finetune", expand(f"{R}/finetune/{{model}}/seed{{seed}}/classifier.pt", model=MODELS, seed=SEEDS)),
+        planned("evaluate", rules.evaluate.output),
+        planned("infer", all_maps()),
+        planned("aggregate", rules.aggregate.output),
+        planned("embed", rules.embed.output),
+        planned("benchmarks_page", rules.benchmarks_page.output),

@@ -22,13 +22,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "patches": ("cytonet.preprocess.patches", "sample and extract patches of one brain into a Zarr store"),
     "pretrain": ("cytonet.learn.pretrain", "SpatialNCE pretraining of an encoder on patch stores (torchrun/srun)"),
     "finetune": ("cytonet.learn.finetune", "train an area classifier on the labelled patches of the known brains"),
+    "export-model": ("cytonet.learn.export", "write a trained classifier as a model bundle (safetensors + card)"),
     "evaluate": ("cytonet.analysis.evaluate", "classification metrics of the models on known and unknown brains"),
     "infer": ("cytonet.mapping.infer", "map a whole section: probability, area and entropy maps"),
     "smooth3d": ("cytonet.mapping.smooth3d", "make the area maps of neighbouring sections consistent in 3D"),
     "section-metrics": ("cytonet.analysis.section_metrics", "pixel-level per-area F1/IoU of one section's area map"),
     "embed": ("cytonet.analysis.embed", "UMAP of the pretrained features, area clusters and FA-PB separation"),
     "aggregate": ("cytonet.analysis.aggregate", "per-brain and overall metric tables, maps index and montages"),
+    "annotation-to-labels": ("cytonet.exchange.annotation_to_labels", "QuPath GeoJSON annotations -> label image"),
+    "map-to-geojson": ("cytonet.exchange.map_to_geojson", "area map -> QuPath-importable GeoJSON polygons"),
 }
+
+
+def package_version() -> str:
+    """The installed distribution's version; ``cytonet.__version__`` when run from a tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cytonet")
+    except PackageNotFoundError:
+        from cytonet import __version__
+
+        return __version__
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -39,6 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="more log lines (-v: debug lines of cytonet, -vv: of every library too)")
     parser.add_argument("-q", "--quiet", action="count", default=0, dest="log_quiet",
                         help="fewer log lines (-q: warnings only, -qq: errors only)")
+    parser.add_argument("--version", action="version", version=f"cytonet {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -88,3 +88,32 @@ def test_labels_at_centres_and_mode_per_cell_agree_on_coarse_grids():
     x, y = np.array([0, 9, 3, 15]), np.array([0, 2, 12, 15])
     np.testing.assert_array_equal(labels_at(full, full.shape, x, y), labels_at(coarse, full.shape, x, y))
     np.testing.assert_array_equal(labels_to_grid(full, (2, 2), 8.0), [[1, 2], [0, 1]])
+
+
+def test_polygon_problems_name_the_section_the_feature_and_the_file(tmp_path):
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps([_feature([_square(0, 0, 8, 8)], area=7),                     # id not in the table
+                                _feature([[[0, 0], [8, 0], [8, 8]]], area="FA")]))              # ring not closed
+    with pytest.raises(AnnotationError, match=r"section 's1': feature 0: class 7 is neither") as info:
+        load_labels(path, "s1", AREAS, (16, 16))
+    assert "a.geojson" in str(info.value)
+    path.write_text(json.dumps([_feature([[[0, 0], [8, 0], [8, 8]]], area="FA")]))
+    with pytest.raises(AnnotationError, match="feature 0: invalid polygon .*last equal to the first"):
+        load_labels(path, "s1", AREAS, (16, 16))
+    path.write_text("{not json")
+    with pytest.raises(AnnotationError, match=r"section 's1': cannot read GeoJSON: .*a\.geojson"):
+        load_labels(path, "s1", AREAS, (16, 16))
+
+
+def test_unlabelled_features_warn_with_the_section_and_later_features_win(tmp_path):
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps({"features": [
+        _feature([_square(0, 0, 16, 16)], area="FA"),
+        _feature([_square(0, 0, 8, 8)], classification={"name": "PB"}),                 # overrides FA here
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 3]}, "properties": {"area": "PB"}},
+        _feature([_square(8, 8, 16, 16)], name="unnamed")]}))
+    with pytest.warns(UserWarning, match=r"section 's2': .*a\.geojson: skipped 2 feature\(s\)") as record:
+        labels = load_labels(path, "s2", AREAS, (16, 16))
+    assert "feature 2: no polygon geometry" in str(record[0].message)
+    assert "feature 3 (unnamed): no classification.name or area property" in str(record[0].message)
+    assert labels.shape == (4, 4) and (labels[:2, :2] == 2).all() and (labels[2:, 2:] == 1).all()

@@ -60,9 +60,9 @@ def test_layers_import_downwards_and_stage_packages_stay_apart():
                 f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
 
 
-def test_io_preprocess_and_synth_never_import_torch():
+def test_io_preprocess_synth_and_exchange_never_import_torch():
     for module in _modules():
-        if _subpackage(module) in ("io", "preprocess", "synth"):
+        if _subpackage(module) in ("io", "preprocess", "synth", "exchange"):
             for reached in import_closure(module):
                 assert "torch" not in _imports_anywhere(reached) and "torchvision" not in _imports_anywhere(reached), \
                     f"{module} reaches torch through {reached}"

@@ -62,7 +62,7 @@ def test_demo_schema_mirrors_generator_parameters(repo):
 
     from cytonet.synth import DemoParams
 
-    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((repo / "cytonet/schemas/config.schema.yaml").read_text())
     keys = set(schema["properties"]["demo"]["properties"]) - {"enabled"}
     assert keys == {f.name for f in fields(DemoParams)}
     # Every schema default is accepted by the generator itself.
@@ -77,7 +77,7 @@ def test_stage_schema_mirrors_module_defaults(repo, stage, attribute):
 
     defaults = getattr(importlib.import_module(f"cytonet.{stage}"), attribute)
     stage = stage.split(".")[-1]
-    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((repo / "cytonet/schemas/config.schema.yaml").read_text())
     props = schema["properties"][stage.removesuffix("_cluster")]["properties"]
     assert set(props) == set(defaults)
     assert {k: p["default"] for k, p in props.items()} == defaults

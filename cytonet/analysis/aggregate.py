@@ -18,7 +18,7 @@ confusion counts and where the maps are). Outputs in ``--out`` (every file writt
 - ``confusion.csv``: model, level, key, true_id, true_area, pred_value, pred_area (area name, ``uncertain`` or
   ``outside``), count; cortex output cells.
 - ``maps_index.csv`` / ``.md``: model, brain, section, role, z_um, zarr, areas_png, overlay_png, entropy_tif,
-  macro_f1; the paths are relative to ``--out``, so the results folder can move as a whole.
+  areas_geojson, macro_f1; the paths are relative to ``--out``, so the results folder can move as a whole.
 - ``montage_<brain>.png``: the overlays of all sections of the brain in z order (of the ``--montage-model``), titled
   with the section id (and macro-F1 of the map and of the most probable areas), with a colour legend of the
   areas; at most ``--montage-width`` px wide.
@@ -44,7 +44,8 @@ from cytonet.io.metrics import STATUS_OK, scores_from_confusion, summary_from_co
 
 METRIC_COLUMNS = ["macro_f1_mean", "accuracy_mean", "coverage_mean", "accuracy_pooled", "macro_f1_pooled",
                   "macro_f1_argmax_pooled"]
-MAP_KEYS = {"zarr": "zarr", "areas_png": "areas_png", "overlay_png": "overlay_png", "entropy_tif": "entropy_tif"}
+MAP_KEYS = {"zarr": "zarr", "areas_png": "areas_png", "overlay_png": "overlay_png", "entropy_tif": "entropy_tif",
+            "areas_geojson": "areas_geojson"}
 
 
 class AggregateError(ValueError):

@@ -2,16 +2,18 @@
 
 Patch extraction (sparse annotations), evaluation, the embedding and section metrics (ground truth) all read labels
 through :func:`load_labels`. A label image covers the section's full-resolution extent on a grid of its own size
-(full resolution or coarser). GeoJSON polygons are in full-resolution pixel coordinates (QuPath's convention) and
-are rasterised on one grid for every caller: :func:`geojson_grid`, a step of at least ``GEOJSON_STEP_PX``
+(full resolution or coarser). GeoJSON polygons (a QuPath export, or features with an ``area`` property) are in
+full-resolution pixel coordinates with the origin at the top-left corner of the first pixel (QuPath's convention)
+and are rasterised on one grid for every caller: :func:`geojson_grid`, a step of at least ``GEOJSON_STEP_PX``
 full-resolution pixels, coarser for huge sections so the raster stays below ``GEOJSON_MAX_SIDE`` cells a side.
+A cell is labelled when its centre lies inside a polygon (:mod:`cytonet.io.geojson`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ GEOJSON_SUFFIXES = (".geojson", ".json")
 class AnnotationError(ValueError):
     """A label image or polygon file that cannot be used; the message names the section and the file."""
 
-    def __init__(self, section: str, path: Any, problem: str) -> None:
+    def __init__(self, section: str | None, path: Any, problem: str) -> None:
         self.section, self.path, self.problem = section, path, problem
-        super().__init__(f"section '{section}': {problem}" + (f" ({path})" if path is not None else ""))
+        where = f"section '{section}': " if section is not None else ""  # None: a file outside a sections table
+        super().__init__(f"{where}{problem}" + (f" ({path})" if path is not None else ""))
 
 
 def is_set(value: Any) -> bool:
@@ -56,42 +59,110 @@ def geojson_grid(full_shape: tuple[int, int]) -> tuple[int, int]:
     return max(1, math.ceil(full_shape[0] / step)), max(1, math.ceil(full_shape[1] / step))
 
 
-def _feature_value(feature: dict, by_name: dict[str, int]) -> int:
-    """Area id of a feature: ``properties.area`` (id or name) or QuPath's ``properties.classification.name``."""
-    props = feature.get("properties") or {}
-    area = props.get("area")
+def _feature_name(feature: dict, index: int) -> str:
+    """How a message names a feature: its index in the file, and its id or name where it has one."""
+    label = feature.get("id") or (feature.get("properties") or {}).get("name")
+    return f"feature {index}" + (f" ({label})" if label else "")
+
+
+def _class_of(props: dict) -> Any:
+    """The area a feature claims: ``properties.area`` (id or name), else QuPath's classification (None if none)."""
+    if props.get("area") is not None:
+        return props["area"]
+    cls = props.get("classification")
+    if isinstance(cls, str):  # QuPath also reads a bare class name
+        return cls
+    if isinstance(cls, dict):
+        if cls.get("name") is not None:
+            return cls["name"]
+        if cls.get("names"):  # a derived class ("Tumor: Positive"), as QuPath >= 0.4 writes it
+            return ": ".join(str(n) for n in cls["names"])
+    return None
+
+
+def _polygonal(geometry: Any) -> dict | None:
+    """The Polygon/MultiPolygon of a geometry (the polygons of a GeometryCollection); None for points and lines."""
+    if not isinstance(geometry, dict):
+        return None
+    if geometry.get("type") in ("Polygon", "MultiPolygon"):
+        return geometry
+    if geometry.get("type") == "GeometryCollection":
+        parts = [_polygonal(g) for g in geometry.get("geometries") or []]
+        polys = [c for p in parts if p for c in ([p["coordinates"]] if p["type"] == "Polygon" else p["coordinates"])]
+        return {"type": "MultiPolygon", "coordinates": polys} if polys else None
+    return None
+
+
+def _area_value(area: Any, by_name: dict[str, int]) -> int | None:
+    """Area id of a class: a name of the areas table, or one of its ids (None when it is neither)."""
+    text = str(area).strip()
+    if text in by_name:
+        return by_name[text]
+    ids = set(by_name.values())
+    return int(text) if text.isdigit() and int(text) in ids else None
+
+
+def _feature_shape(feature: Any, index: int, by_name: dict[str, int], section: str | None,
+                   path: Any) -> tuple[dict, int] | str:
+    """(geometry, area id) of one feature, or why it is skipped; a class not in the areas table is an error."""
+    from rasterio.features import is_valid_geom
+
+    if not isinstance(feature, dict):
+        return f"feature {index}: not a GeoJSON Feature"
+    name, props = _feature_name(feature, index), feature.get("properties") or {}
+    area, geometry = _class_of(props), _polygonal(feature.get("geometry"))
+    if props.get("objectType", "annotation") not in ("annotation", "unknown"):
+        return f"{name}: a QuPath {props['objectType']}, not an annotation"
     if area is None:
-        area = (props.get("classification") or {}).get("name")
-    if area is None:
-        raise ValueError("a feature has neither properties.area nor properties.classification.name")
-    if str(area) in by_name:
-        return by_name[str(area)]
+        return f"{name}: no classification.name or area property"
+    if geometry is None:
+        return f"{name}: no polygon geometry"
+    value = _area_value(area, by_name)
+    if value is None:
+        raise AnnotationError(section, path, f"{name}: class {area!r} is neither an area id nor a name in the "
+                                             f"areas table (names: {', '.join(by_name)})")
+    if not is_valid_geom(geometry):
+        raise AnnotationError(section, path, f"{name}: invalid polygon (each ring needs >= 4 positions, the last "
+                                             "equal to the first)")
+    return geometry, value
+
+
+def geojson_shapes(path: str | os.PathLike, areas: pd.DataFrame,
+                   section: str | None = None) -> list[tuple[dict, int]]:
+    """(polygonal geometry, area id) of every annotation of a GeoJSON file (QuPath export or ``area`` property).
+
+    Features without a class (or without a polygon, or QuPath detections/cells) are skipped with one warning that
+    names them and the file; a class that is not in the areas table is an :class:`AnnotationError`.
+    """
+    from cytonet.io.geojson import read_features
+
     try:
-        return int(area)
-    except (TypeError, ValueError):
-        raise ValueError(f"area {area!r} is neither an area id nor a name in the areas table") from None
+        features = read_features(path)
+    except (OSError, ValueError) as exc:
+        raise AnnotationError(section, path, f"cannot read GeoJSON: {exc}") from exc
+    by_name = {str(n): int(i) for i, n in zip(areas["area_id"], areas["name"])}
+    shapes, skipped = [], []
+    for k, feature in enumerate(features):
+        shape = _feature_shape(feature, k, by_name, section, path)
+        (skipped if isinstance(shape, str) else shapes).append(shape)
+    if skipped:
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        where = f"section '{section}': " if section is not None else ""
+        warnings.warn(f"{where}{path}: skipped {len(skipped)} feature(s) that give no area label: "
+                      f"{'; '.join(skipped[:10])}{more}", stacklevel=2)
+    return shapes
 
 
 def rasterise_geojson(path: str | os.PathLike, areas: pd.DataFrame, full_shape: tuple[int, int],
-                      grid: tuple[int, int]) -> np.ndarray:
-    """Polygons (full-res pixel coordinates, holes as extra rings) burnt into a uint16 label grid of ``grid``."""
-    from skimage.draw import polygon
+                      grid: tuple[int, int], section: str | None = None) -> np.ndarray:
+    """Annotations of a GeoJSON file (full-res pixel corners, holes as extra rings) as a uint16 grid of ``grid``.
 
-    by_name = {str(n): int(i) for i, n in zip(areas["area_id"], areas["name"])}
-    data = json.loads(Path(path).read_text())
-    features = data if isinstance(data, list) else data.get("features", [])  # old QuPath: a bare list
-    labels = np.zeros(grid, np.uint16)
-    sy, sx = grid[0] / full_shape[0], grid[1] / full_shape[1]
-    for feature in features:
-        value = _feature_value(feature, by_name)
-        geom = feature["geometry"]
-        polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
-        for rings in polys:
-            for k, ring in enumerate(rings):
-                ring = np.asarray(ring, float)
-                rr, cc = polygon(ring[:, 1] * sy, ring[:, 0] * sx, grid)
-                labels[rr, cc] = value if k == 0 else 0  # ring 0 is the outline, the others are holes
-    return labels
+    A cell gets an area when its centre lies inside the area's polygon (QuPath's pixel-corner convention, see
+    :mod:`cytonet.io.geojson`); where annotations overlap, the later one in the file wins.
+    """
+    from cytonet.io.geojson import burn
+
+    return burn(geojson_shapes(path, areas, section), grid, full_shape, np.uint16)
 
 
 def load_labels(path: str | os.PathLike, section_id: str, areas: pd.DataFrame,
@@ -108,8 +179,10 @@ def load_labels(path: str | os.PathLike, section_id: str, areas: pd.DataFrame,
     if geojson and full_shape is None:
         raise AnnotationError(section_id, path, "GeoJSON polygons need the section image for their extent")
     try:
-        labels = (rasterise_geojson(path, areas, full_shape, geojson_grid(full_shape)) if geojson
+        labels = (rasterise_geojson(path, areas, full_shape, geojson_grid(full_shape), section_id) if geojson
                   else read_image(path))
+    except AnnotationError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any broken file is reported with its name
         raise AnnotationError(section_id, path, f"cannot read annotation: {exc}") from exc
     if labels.ndim != 2:

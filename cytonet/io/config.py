@@ -1,8 +1,10 @@
 """Workflow configuration: JSON-schema validation with defaults, and ``cytonet validate``.
 
-The schema lives in ``workflow/schemas/config.schema.yaml``. Validation fills in every default, so the rules and
-the stage modules always see a complete config, and it fails before any job starts with a message that names the
-offending key (and suggests the closest valid one for a misspelling).
+The schema lives in ``cytonet/schemas/config.schema.yaml`` (``workflow/schemas`` links to it). Validation fills in
+every default, so the rules and the stage modules always see a complete config, and it fails before any job starts
+with a message that names the offending key (and suggests the closest valid one for a misspelling).
+``cytonet validate`` also prints the plan (``cytonet.io.plan``: which stages will run, and why) and refuses one
+that cannot run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from cytonet.io.annotations import is_set
+from cytonet.io.plan import PlanError, check_plan, describe, plan_stages
 from cytonet.io.tables import SCHEMA_DIR, TableError, load_all_sections, load_areas
 
 
@@ -58,15 +62,20 @@ def validate_config(config: dict[str, Any], schema_path: str | Path | None = Non
     return filled
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file and validate it."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a YAML config file as written (no defaults filled in)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return validate_config(data)
+    return data
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    return validate_config(read_config_file(path))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -76,17 +85,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate the config and every table it names; print a summary."""
+    """Validate the config and every table it names; print a summary and the plan (which stages run, and why)."""
     try:
-        config = load_config(args.config)
+        written = read_config_file(args.config)
+        config = validate_config(written)
         areas = load_areas(config["areas"])
         sections = load_all_sections(config["brains"], not args.no_files, config["section_thickness_um"])
-    except (ConfigError, TableError) as exc:
+        plan = plan_stages(config, sections)
+        check_plan(plan, config, areas=config["areas"], user_config=written, sections=sections)
+    except (ConfigError, TableError, PlanError) as exc:
         print(f"error: {exc}")
         return 1
     per_brain = sections.groupby("brain_id").size()
     print(f"config {args.config} is valid: {len(areas)} areas, {len(per_brain)} brains, {len(sections)} sections")
+    labelled = sections[sections["annotation"].map(is_set)].groupby("brain_id").size()
+    roles = sections.groupby("brain_id")["role"].first()
     for brain, n in per_brain.items():
-        labelled = sections[(sections.brain_id == brain)].annotation.notna().sum()
-        print(f"  {brain}: {n} sections, {labelled} annotated")
+        k = int(labelled.get(brain, 0))
+        unused = " (an unknown brain's labels never train)" if k and roles[brain] != "known" else ""
+        print(f"  {brain} ({roles[brain]}): {n} sections, {k} annotated{unused}")
+    print("\n".join(describe(plan)))
     return 0

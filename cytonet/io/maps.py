@@ -36,13 +36,14 @@ def _axes(channel: bool) -> list[dict]:
 
 
 def _multiscales(name: str, n_levels: int, output_um: float, image_um: float, channel: bool,
-                 method: str) -> list[dict]:
+                 method: str, prefix: str = "") -> list[dict]:
+    """One NGFF multiscale; ``prefix`` is the group of its arrays relative to the group holding this metadata."""
     ds = []
     for lv in range(n_levels):
         um = output_um * 2 ** lv
         # translation: cell centre in the frame where the section image's pixel (0,0) centre is at 0
         tr = um / 2 - image_um / 2
-        ds.append({"path": str(lv), "coordinateTransformations": [
+        ds.append({"path": f"{prefix}{lv}", "coordinateTransformations": [
             {"type": "scale", "scale": ([1.0] if channel else []) + [um, um]},
             {"type": "translation", "translation": ([0.0] if channel else []) + [tr, tr]}]})
     return [{"name": name, "axes": _axes(channel), "datasets": ds, "type": method}]
@@ -100,14 +101,25 @@ class NgffWriter:
                         out[..., r0:r1, c0:c1] = _down2(src, method, (r1 - r0, c1 - c0))
                 prev = out
         self.levels = levels
+        self._write_metadata(output_um, image_um, names, colours, ids, uncertain)
+
+    def _write_metadata(self, output_um: float, image_um: float, names: list[str], colours: list[str],
+                        ids: list[int], uncertain: int) -> None:
+        """NGFF 0.5 metadata of the probabilities image, its ``labels/areas`` and the ``entropy`` image.
+
+        NGFF 0.5 lets an image group list only integer label images (``labels``); a float image is found through
+        the group's ``multiscales`` list, where each entry is a named image whose dataset paths are relative to the
+        group. So ``entropy`` is the second, named entry of the root's list (readers default to the first entry:
+        the probabilities) and also carries its own multiscales, so it opens on its own (``<map>/entropy``).
+        """
+        levels = self.levels
         omero = {"name": self.path.name, "version": NGFF_VERSION, "rdefs": {"model": "color"},
                  "channels": [{"label": n, "color": c.lstrip("#").upper(), "active": True,
                                "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
                               for n, c in zip(names, colours)]}
-        self.root.attrs["ome"] = {"version": NGFF_VERSION,
-                                  "multiscales": _multiscales("probabilities", levels, output_um, image_um, True,
-                                                              "mean"),
-                                  "omero": omero}
+        probabilities = _multiscales("probabilities", levels, output_um, image_um, True, "mean")
+        entropy = _multiscales("entropy", levels, output_um, image_um, False, "mean", prefix="entropy/")
+        self.root.attrs["ome"] = {"version": NGFF_VERSION, "multiscales": probabilities + entropy, "omero": omero}
         self.root["entropy"].attrs["ome"] = {"version": NGFF_VERSION, "multiscales": _multiscales(
             "entropy", levels, output_um, image_um, False, "mean")}
         self.root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": ["areas"]}
@@ -301,6 +313,7 @@ class SectionMapWriter:
         import json
 
         from cytonet.io.atomic import atomic_write_text
+        from cytonet.io.geojson import labels_to_geojson, write_geojson
 
         self.store.finish(output_um, image_um, pyramid_levels, self.names, self.colours, self.ids, self.uncertain)
         labels = self.store.labels0()
@@ -312,6 +325,9 @@ class SectionMapWriter:
         if thumb is not None:
             paths["overlay_png"] = write_overlay(self.tmp / f"{self.name}_overlay.png", thumb, labels, self.ids,
                                                  self.names, self.colours, self.uncertain)
+        # the area map for QuPath: full-resolution section pixels (a cell is output_um / image_um pixels a side)
+        paths["areas_geojson"] = write_geojson(self.tmp / f"{self.name}_areas.geojson", labels_to_geojson(
+            labels, list(zip(self.ids, self.names, self.colours)), output_um / image_um))
         final = publish(paths, self.out_dir)
         manifest = {"section": self.name, **info, "output_um": output_um, "image_pixel_size_um": image_um,
                     "grid_shape": list(self.grid_shape), "n_tissue_locations": self.n_tissue,

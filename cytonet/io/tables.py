@@ -1,7 +1,7 @@
 """Brains, sections and areas tables: reading and validation (the user's data contract).
 
 Tables are CSV or TSV (chosen by the file extension). Each row is validated against the JSON schema in
-``workflow/schemas/<kind>.schema.yaml``, and every error names the
+``cytonet/schemas/<kind>.schema.yaml`` (package data; ``workflow/schemas`` links to it), and every error names the
 table, the row and the column at fault. Relative paths inside a table resolve against the table's folder.
 """
 
@@ -17,7 +17,8 @@ import yaml
 
 from cytonet.io.transforms import SectionTransform, TransformError
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+# Inside the package, so a non-editable install (`pip install .`, a wheel) has them too.
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 PATH_COLUMNS = {"sections": ("image", "annotation", "ground_truth"), "brains": ("sections",), "areas": ()}
 
 

@@ -12,7 +12,8 @@ plus ``window_px`` (S, the network input side), ``pixel_size_um`` (resolution th
 names (column order of the logits) and ``preprocess`` (uint8 -> normalised float, default
 :func:`cytonet.nn.models.normalize_uint8`, the one function training also uses). :func:`as_dense_model` builds it from
 a torchvision ResNet, :class:`cytonet.nn.models.Encoder`, the small ResNet, ``cytonet.nn.checkpoints.Classifier`` or any
-module with ``trunk``/``head``/``net_stride``; :func:`load_classifier` builds it from finetune's ``classifier.pt``.
+module with ``trunk``/``head``/``net_stride``; :func:`load_classifier` builds it from finetune's ``classifier.pt``,
+:func:`load_bundle_model` from a model bundle (``cytonet export-model``; safetensors weights, checked model card).
 
 Output grid and the two paths
 -----------------------------
@@ -203,6 +204,8 @@ def load_classifier(path: str | os.PathLike, pixel_size_um: float | None = None,
                     device: str = "cpu") -> DenseModel:
     """DenseModel from finetune's classifier.pt (format cytonet-classifier/1) or a torch-saved DenseModel."""
     path = Path(path)
+    if path.is_dir():
+        raise InferenceError(f"classifier checkpoint {path} is a folder; a model bundle is mapped with --model")
     if not path.is_file():
         raise InferenceError(f"classifier checkpoint {path} does not exist")
     try:
@@ -217,16 +220,36 @@ def load_classifier(path: str | os.PathLike, pixel_size_um: float | None = None,
     from cytonet.nn.checkpoints import load_classifier as load_checkpoint
 
     model, ck = load_checkpoint(ck, device="cpu")
-    patch_px, input_px = int(ck.get("patch_px") or ck["input_px"]), int(ck.get("input_px") or ck["patch_px"])
     um = ck.get("pixel_size_um") or (ck.get("config") or {}).get("pixel_size_um") or pixel_size_um
     if um is None:
         raise InferenceError(f"classifier checkpoint {path} has no 'pixel_size_um' (patch resolution); "
                              "pass --patch-um")
+    names = ck.get("area_names") or [str(a) for a in ck["area_ids"]]
+    return _classifier_dense_model(model, ck.get("patch_px"), ck.get("input_px"), float(um), ck["area_ids"], names,
+                                   str(path))
+
+
+def _classifier_dense_model(model: nn.Module, patch_px: int | None, input_px: int | None, um: float,
+                            area_ids: Sequence[int], area_names: Sequence[str], source: str) -> DenseModel:
+    """DenseModel of a trained cytonet.nn.checkpoints.Classifier (from classifier.pt or a model bundle)."""
+    patch_px, input_px = int(patch_px or input_px), int(input_px or patch_px)
     # finetune resizes patch_px patches to input_px: the network sees input_px px at um*patch_px/input_px.
-    dm = as_dense_model(model, window_px=input_px, pixel_size_um=float(um) * patch_px / input_px,
-                        area_ids=ck["area_ids"], area_names=ck.get("area_names") or [str(a) for a in ck["area_ids"]],
-                        source=str(path))
-    return dm
+    return as_dense_model(model, window_px=input_px, pixel_size_um=um * patch_px / input_px, area_ids=area_ids,
+                          area_names=area_names, source=source)
+
+
+def load_bundle_model(path: str | os.PathLike, pixel_size_um: float | None = None, areas: Any = None,
+                      device: str = "cpu") -> DenseModel:
+    """DenseModel from a model bundle folder (``cytonet export-model``); its card must fit ``areas``."""
+    from cytonet.nn.bundle import BundleError, load_bundle
+
+    try:
+        model, card = load_bundle(path, pixel_size_um=pixel_size_um, areas=areas, device=device)
+    except BundleError as exc:
+        raise InferenceError(str(exc)) from exc
+    ids, names = [int(a["area_id"]) for a in card["areas"]], [str(a["name"]) for a in card["areas"]]
+    return _classifier_dense_model(model, card["patch_px"], card["input_px"], float(card["pixel_size_um"]), ids,
+                                   names, str(path))
 
 
 @torch.no_grad()
@@ -506,7 +529,9 @@ def _resolve_model(classifier: str | os.PathLike | DenseModel | nn.Module, areas
         ids, names, colours = read_areas_table(areas)
     elif areas is not None:
         ids, names, colours = ([int(a[0]) for a in areas], [str(a[1]) for a in areas], [str(a[2]) for a in areas])
-    if isinstance(classifier, (str, os.PathLike)):
+    if isinstance(classifier, (str, os.PathLike)) and Path(classifier).is_dir():  # a model bundle
+        model = load_bundle_model(classifier, pixel_size_um=patch_um, areas=areas)
+    elif isinstance(classifier, (str, os.PathLike)):
         model = load_classifier(classifier, pixel_size_um=patch_um)
     elif isinstance(classifier, DenseModel):
         model = classifier
@@ -586,9 +611,9 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
                   pyramid_levels: int = 4, progress: bool = True, overlay: bool = True) -> InferenceResult:
     """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
 
-    ``classifier``: a checkpoint path or a model (DenseModel, finetune.Classifier, torchvision ResNet; then give
-    ``patch_um`` and ``window_px``). ``areas``: areas table path, a list of (id, name, '#rrggbb'), or None to take
-    the areas of a DenseModel / checkpoint with tab10 colours.
+    ``classifier``: a checkpoint path, a model bundle folder, or a model (DenseModel, finetune.Classifier,
+    torchvision ResNet; then give ``patch_um`` and ``window_px``). ``areas``: areas table path, a list of
+    (id, name, '#rrggbb'), or None to take the areas of a DenseModel / checkpoint with tab10 colours.
     ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
     ``halo_px``: dense context beyond the windows at a tile's edge; None = the measured receptive-field margin
     (tile-independent results), smaller = faster, with windows at tile edges part-way to naive (module docstring).
@@ -631,14 +656,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``cytonet infer``."""
     parser.add_argument("--image", required=True, help="section image (tiled TIFF, OME-Zarr, PNG)")
     parser.add_argument("--mask", required=True, help="tissue mask PNG (0/255, same extent as the image)")
-    parser.add_argument("--classifier", required=True, action="append",
-                        help="classifier checkpoint (finetune's classifier.pt); repeat with --out to map the "
-                             "section with several models in one process")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--classifier", action="append",
+                       help="classifier checkpoint (finetune's classifier.pt); repeat with --out to map the "
+                            "section with several models in one process")
+    which.add_argument("--model", action="append", metavar="BUNDLE",
+                       help="model bundle folder (cytonet export-model) instead of a classifier.pt; its card must "
+                            "name the areas of --areas (repeat with --out like --classifier)")
     parser.add_argument("--areas", required=True, help="areas table (area_id, name, color)")
-    parser.add_argument("--out", required=True, action="append", help="output folder (one per --classifier)")
+    parser.add_argument("--out", required=True, action="append",
+                        help="output folder (one per --classifier or --model)")
     parser.add_argument("--name", help="output name (default: image file stem)")
     parser.add_argument("--pixel-size", type=float, help="image pixel size in µm when its metadata has none")
-    parser.add_argument("--patch-um", type=float, help="training patch resolution, if the checkpoint lacks it")
+    parser.add_argument("--patch-um", type=float, help="training patch resolution, if the checkpoint lacks it "
+                        "(with --model: the resolution the bundle must have been trained at)")
     parser.add_argument("--output-um", type=float, default=64.0, help="output grid spacing in µm (default 64)")
     parser.add_argument("--uncertain-below", type=float, default=0.5,
                         help="label 'uncertain' where the top probability is below this (default 0.5)")
@@ -656,12 +687,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``cytonet infer``: the section once per (--classifier, --out) pair."""
     # Set deliberately: Snakemake exports OMP_NUM_THREADS=1 for rules; torch would silently use one core.
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    if len(args.classifier) != len(args.out):
-        print(f"cytonet infer: error: {len(args.classifier)} --classifier but {len(args.out)} --out; give one "
-              "output folder per classifier", file=sys.stderr)
+    option, models = ("--classifier", args.classifier) if args.classifier else ("--model", args.model)
+    if len(models) != len(args.out):
+        print(f"cytonet infer: error: {len(models)} {option} but {len(args.out)} --out; give one "
+              f"output folder per {option}", file=sys.stderr)
         return 2
-    for classifier, out in zip(args.classifier, args.out):
+    for classifier, out in zip(models, args.out):
         try:
+            if option == "--model" and not Path(classifier).is_dir():
+                raise InferenceError(f"--model {classifier}: not a model bundle folder (cytonet export-model); "
+                                     "a classifier.pt is mapped with --classifier")
             res = infer_section(args.image, args.mask, classifier, args.areas, out, name=args.name,
                                 pixel_size_um=args.pixel_size, output_um=args.output_um,
                                 uncertain_below=args.uncertain_below, tile_px=args.tile_px, mode=args.mode,

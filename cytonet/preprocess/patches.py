@@ -7,7 +7,7 @@ Command line (``cytonet patches``)::
         [--params JSON-or-file] [--param key=value ...] [--no-progress]
 
 Parameters (``--params`` takes a JSON object or a path to a JSON file; ``--param key=value`` overrides single
-keys; an unknown key is an error naming it). Defaults match ``workflow/schemas/config.schema.yaml``:
+keys; an unknown key is an error naming it). Defaults match ``cytonet/schemas/config.schema.yaml``:
 
 =====================  ========  ==================================================================================
 key                    default   meaning

@@ -3,10 +3,13 @@
 # each helper sits here under the heading of the rule file that uses it.
 import json
 import os
+import shlex
+import sys
 
 import pandas as pd
 
 from cytonet.io.fingerprint import fingerprint_modules, fingerprint_stage, import_closure, stage_module
+from cytonet.io.plan import check_plan, plan_stages
 from cytonet.io.tables import load_all_sections
 
 # The compared models (finetune.smk) and their seeds; the wildcard constraints below need them.
@@ -26,23 +29,26 @@ DEMO_PARAMS = {k: v for k, v in config["demo"].items() if k != "enabled"}
 
 
 def _plan_sections() -> pd.DataFrame:
-    """One row per section: brain_id, section_id, role, image, pixel_size_um (NaN when the metadata has it)."""
+    """One row per section: brain_id, section_id, role, image, pixel_size_um (NaN when the metadata has it) and
+    annotation (the labels' path; for the demo a marker of the sections that will ship labels)."""
     if config["demo"]["enabled"]:
         # The demo brains do not exist before their jobs run, so plan from the generator's layout.
         from cytonet.synth import DemoParams, layout
+        from cytonet.synth.demo import annotated
 
         out = config["demo"]["out_dir"]
-        role = DemoParams.from_cfg(DEMO_PARAMS).role
+        params = DemoParams.from_cfg(DEMO_PARAMS)
         rows = [
             {
                 "brain_id": b,
                 "section_id": s,
-                "role": role(b),
+                "role": params.role(b),
                 "image": f"{out}/{b}/images/{s}.ome.tif",
                 "pixel_size_um": float("nan"),
+                "annotation": "(demo labels)" if annotated(params, b, i) else None,
             }
             for b, sections in layout(DEMO_PARAMS).items()
-            for s in sections
+            for i, s in enumerate(sections)
         ]
         return pd.DataFrame(rows)
     # Real data: validate every table now, so a missing image or a duplicate id stops the run before any job.
@@ -68,15 +74,37 @@ def section_image(wildcards) -> str:
     return section_row(wildcards).image
 
 
+# Shell quoting. Paths come from the user's tables (spaces, quotes, `;`, `$(...)` are all legal in a file name).
+# Shell commands therefore take every path as `{input.x:q}` (`:q` quotes each element of a list), and a param
+# that holds whole options is built by these helpers, every value shell-quoted (shlex.quote leaves a plain value
+# such as results/patches/b1 as it is, so the usual commands read as before).
+def option(flag: str, value) -> str:
+    """`flag VALUE` with the value shell-quoted."""
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def options(flag: str, values) -> str:
+    """`flag V1 flag V2 ...`: the option once per value, every value shell-quoted."""
+    return " ".join(option(flag, v) for v in values)
+
+
+def option_groups(flags, *columns) -> str:
+    """One group of options per row of ``columns``, e.g. option_groups(["--classifier", "--out"], cs, outs) gives
+    `--classifier C1 --out O1 --classifier C2 --out O2`, every value shell-quoted."""
+    return " ".join(
+        option(flag, value) for row in zip(*columns, strict=True) for flag, value in zip(flags, row, strict=True)
+    )
+
+
 def pixel_size_option(wildcards) -> str:
     """`--pixel-size UM` from the sections table, or nothing when the image metadata carries it."""
     value = section_row(wildcards).pixel_size_um
-    return "" if pd.isna(value) else f"--pixel-size {float(value)}"
+    return "" if pd.isna(value) else option("--pixel-size", float(value))
 
 
 def as_json(section: dict) -> str:
     """A config section as one shell-quoted JSON argument (params: so that changes trigger reruns)."""
-    return f"'{json.dumps(section, sort_keys=True)}'"
+    return shlex.quote(json.dumps(section, sort_keys=True))
 
 
 def brains_table() -> str:
@@ -85,6 +113,20 @@ def brains_table() -> str:
 
 def areas_table() -> str:
     return f"{config['demo']['out_dir']}/areas.csv" if config["demo"]["enabled"] else config["areas"]
+
+
+# --- the plan: which stages run, and why (cytonet/io/plan.py; `cytonet validate` prints the same) ---------------
+# USER_CONFIG (the Snakefile) is the config as written, before defaults: infer.models set by the user while no
+# section is annotated is refused, the default is not. An impossible plan stops here, before any job.
+PLAN = plan_stages(config, SECTIONS)
+check_plan(PLAN, config, areas=areas_table(), user_config=USER_CONFIG, sections=SECTIONS)
+BUNDLE = PLAN.bundle.rstrip("/") if PLAN.bundle else None
+print(f"CytoNet {PLAN.line()}", file=sys.stderr)
+
+
+def planned(stage: str, targets) -> list:
+    """``targets`` when the plan runs ``stage``, else nothing (rule all asks only for what the plan runs)."""
+    return list(targets) if PLAN.runs(stage) else []
 
 
 # --- demo.smk -----------------------------------------------------------------------------------------------------
@@ -164,12 +206,30 @@ MODEL_NAMES = {"cytonet": "CytoNet", "random_init": "random init", "ablation": c
 
 
 def model_specs(wildcards, input) -> str:
-    return " ".join(f"--model '{MODEL_NAMES[m]}={R}/finetune/{m}/seed{s}/classifier.pt'" for m in MODELS for s in SEEDS)
+    """`--model 'NAME=CLASSIFIER'` per compared model and seed (names may hold spaces: shell-quoted)."""
+    specs = [f"{MODEL_NAMES[m]}={R}/finetune/{m}/seed{s}/classifier.pt" for m in MODELS for s in SEEDS]
+    return options("--model", specs)
 
 
 # --- infer.smk, metrics.smk ---------------------------------------------------------------------------------------
-MAP_MODELS = config["infer"]["models"]
-METRIC_MODELS = MAP_MODELS + (["cytonet_smooth3d"] if config["smooth3d"]["enabled"] else [])
+# The trained models of infer.models, or with a bundle one model whose maps go where CytoNet's go (maps/cytonet).
+MAP_MODELS = list(PLAN.map_models)
+METRIC_MODELS = MAP_MODELS + (["cytonet_smooth3d"] if PLAN.runs("smooth3d") else [])
+
+
+def map_model_files() -> list[str]:
+    """What an infer job reads besides the section: the bundle's two files, or each mapped model's classifier."""
+    if BUNDLE:
+        return [f"{BUNDLE}/model_card.json", f"{BUNDLE}/weights.safetensors"]
+    return [f"{R}/finetune/{m}/seed{SEEDS[0]}/classifier.pt" for m in MAP_MODELS]
+
+
+def infer_model_options(wildcards, input, output) -> str:
+    """`--model BUNDLE --out DIR`, or one `--classifier C --out DIR` pair per model (in MAP_MODELS order)."""
+    outs = [os.path.dirname(m) for m in output.manifests]
+    if BUNDLE:
+        return option_groups(["--model", "--out"], [os.path.dirname(input.models[0])], outs)
+    return option_groups(["--classifier", "--out"], input.models, outs)
 
 
 def all_maps() -> list[str]:

@@ -16,7 +16,7 @@ if config["demo"]["enabled"]:
             out=lambda wc, output: os.path.dirname(output.brains),  # DEMO
             code=fingerprint_stage("make-demo"),
         shell:
-            "cytonet make-demo --tables-only --params {params.demo} --out {params.out} > {log} 2>&1"
+            "cytonet make-demo --tables-only --params {params.demo} --out {params.out:q} > {log:q} 2>&1"
 
     # One job per brain; its rule is written out per brain so that every section image is a declared output.
     for _brain in BRAINS:
@@ -40,4 +40,4 @@ if config["demo"]["enabled"]:
                 out=lambda wc, output: os.path.dirname(os.path.dirname(output.sections)),  # DEMO/<brain>/.. = DEMO
                 code=fingerprint_stage("make-demo"),
             shell:
-                "cytonet make-demo --brain {params.brain} --params {params.demo} --out {params.out} > {log} 2>&1"
+                "cytonet make-demo --brain {params.brain:q} --params {params.demo} --out {params.out:q} > {log:q} 2>&1"

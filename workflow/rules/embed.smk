@@ -22,13 +22,13 @@ rule embed:
         "../../envs/cytonet.yaml"
     threads: config["threads"]["embed"]
     params:
-        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
+        stores=lambda wc, input: options("--store", [os.path.dirname(m) for m in input.stores]),
         per_area=config["embed"]["per_area"],
         seed=config["embed"]["seed"],
         features=config["embed"]["features"],
         out=lambda wc, output: os.path.dirname(output.separation),
         code=fingerprint_stage("embed"),
     shell:
-        "cytonet embed --encoder {input.encoder} {params.stores} --areas {input.areas} --brains {input.brains}"
-        " --out {params.out} --per-area {params.per_area} --seed {params.seed} --features {params.features}"
-        " --threads {threads} > {log} 2>&1"
+        "cytonet embed --encoder {input.encoder:q} {params.stores} --areas {input.areas:q} --brains {input.brains:q}"
+        " --out {params.out:q} --per-area {params.per_area} --seed {params.seed} --features {params.features:q}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -22,12 +22,12 @@ rule evaluate:
     threads: config["threads"]["evaluate"]
     params:
         models=model_specs,
-        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
+        stores=lambda wc, input: options("--store", [os.path.dirname(m) for m in input.stores]),
         seeds=" ".join(str(s) for s in SEEDS),
         val_fraction=config["finetune"]["val_fraction"],
         out=lambda wc, output: os.path.dirname(output.summary),
         code=fingerprint_stage("evaluate"),
     shell:
-        "cytonet evaluate --brains {input.brains} --areas {input.areas} {params.stores} {params.models}"
+        "cytonet evaluate --brains {input.brains:q} --areas {input.areas:q} {params.stores} {params.models}"
         " --profile-baseline-seeds {params.seeds} --profile-baseline-val-fraction {params.val_fraction}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        " --out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -19,11 +19,11 @@ rule finetune:
         "../../envs/cytonet.yaml"
     threads: config["threads"]["finetune"]
     params:
-        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
-        encoder=lambda wc, input: f"--encoder-checkpoint {input.encoder[0]}" if input.encoder else "",
+        stores=lambda wc, input: options("--store", [os.path.dirname(m) for m in input.stores]),
+        encoder=lambda wc, input: options("--encoder-checkpoint", input.encoder[:1]),
         finetune=finetune_params,
         out=lambda wc, output: os.path.dirname(output.classifier),
         code=fingerprint_stage("finetune"),
     shell:
-        "cytonet finetune {params.stores} {params.encoder} --out {params.out} --areas {input.areas}"
-        " --brains {input.brains} --params {params.finetune} --threads {threads} > {log} 2>&1"
+        "cytonet finetune {params.stores} {params.encoder} --out {params.out:q} --areas {input.areas:q}"
+        " --brains {input.brains:q} --params {params.finetune} --threads {threads} > {log:q} 2>&1"

@@ -2,15 +2,16 @@
 # seed-0 CytoNet classifier; the others, e.g. the random-init baseline, are mapped the same way so that
 # section-level metrics compare them). One process per section starts Python and loads torch once for all models
 # (each model still reads the section's tiles itself).
+# With config `model: BUNDLE` the bundle maps every section instead (maps/cytonet/) and nothing is trained.
 # `cytonet infer` writes <section>_infer.json last: it marks a complete set of maps.
-# MAP_MODELS and all_maps(): common.smk.
+# MAP_MODELS, map_model_files(), infer_model_options() and all_maps(): common.smk.
 
 
 rule infer:
     input:
         image=section_image,
         mask=f"{R}/masks/{{brain}}/{{section}}.png",
-        classifiers=[f"{R}/finetune/{m}/seed{SEEDS[0]}/classifier.pt" for m in MAP_MODELS],
+        models=map_model_files(),  # the seed-0 classifiers, or the bundle of config `model` (its card and weights)
         areas=areas_table(),
     output:
         manifests=[f"{R}/maps/{m}/{{brain}}/{{section}}_infer.json" for m in MAP_MODELS],
@@ -20,22 +21,20 @@ rule infer:
         "../../envs/cytonet.yaml"
     threads: config["threads"]["infer"]
     params:
-        # one --classifier/--out pair per model, in MAP_MODELS order: --out is the folder of its manifest
-        models=lambda wc, input, output: " ".join(
-            f"--classifier {c} --out {os.path.dirname(m)}" for c, m in zip(input.classifiers, output.manifests)
-        ),
+        # one --classifier/--out pair per model (or --model BUNDLE --out): --out is the folder of its manifest
+        models=infer_model_options,
         pixel_size=pixel_size_option,
         output_um=config["infer"]["output_um"],
         uncertain=config["infer"]["uncertain_below"],
         tile=config["infer"]["tile_px"],
         mode=config["infer"]["mode"],
-        halo="" if config["infer"]["halo_px"] is None else f"--halo-px {config['infer']['halo_px']}",
+        halo="" if config["infer"]["halo_px"] is None else option("--halo-px", config["infer"]["halo_px"]),
         code=fingerprint_stage("infer"),
     shell:
-        "cytonet infer --image {input.image} --mask {input.mask} {params.models}"
-        " --areas {input.areas} --name {wildcards.section} {params.pixel_size}"
+        "cytonet infer --image {input.image:q} --mask {input.mask:q} {params.models}"
+        " --areas {input.areas:q} --name {wildcards.section:q} {params.pixel_size}"
         " --output-um {params.output_um} --uncertain-below {params.uncertain} --tile-px {params.tile}"
-        " --mode {params.mode} {params.halo} --threads {threads} > {log} 2>&1"
+        " --mode {params.mode:q} {params.halo} --threads {threads} > {log:q} 2>&1"
 
 
 # Optional 3D consistency: smooth each section's probabilities with its neighbours' through their 3D transforms.
@@ -65,6 +64,6 @@ for _brain in BRAINS:
             thickness=config["section_thickness_um"],
             code=fingerprint_stage("smooth3d"),
         shell:
-            "cytonet smooth3d --brains {input.brains} --brain {params.brain}"
-            " --pred {params.pred} --out {params.out} --sigma-um {params.sigma} --neighbours {params.neighbours}"
-            " --section-thickness-um {params.thickness} > {log} 2>&1"
+            "cytonet smooth3d --brains {input.brains:q} --brain {params.brain:q}"
+            " --pred {params.pred:q} --out {params.out:q} --sigma-um {params.sigma} --neighbours {params.neighbours}"
+            " --section-thickness-um {params.thickness} > {log:q} 2>&1"

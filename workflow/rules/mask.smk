@@ -22,5 +22,5 @@ rule mask:
         pixel_size=pixel_size_option,
         code=fingerprint_stage("mask"),  # an edit to any module `cytonet mask` imports reruns masking
     shell:
-        "cytonet mask {input.image} -o {output.mask} --qc {output.qc} --resolution {params.resolution}"
-        " {params.pixel_size} --section-id {wildcards.section} > {log} 2>&1"
+        "cytonet mask {input.image:q} -o {output.mask:q} --qc {output.qc:q} --resolution {params.resolution}"
+        " {params.pixel_size} --section-id {wildcards.section:q} > {log:q} 2>&1"

@@ -16,15 +16,18 @@ rule section_metrics:
         "../../envs/cytonet.yaml"
     params:
         # one --model/--pred/--out-csv/--out-json group per model, in METRIC_MODELS order: --pred is its maps' folder
-        models=lambda wc, input, output: " ".join(
-            f"--model {m} --pred {os.path.dirname(p)} --out-csv {c} --out-json {j}"
-            for m, p, c, j in zip(METRIC_MODELS, input.maps, output.csv, output.json)
+        models=lambda wc, input, output: option_groups(
+            ["--model", "--pred", "--out-csv", "--out-json"],
+            METRIC_MODELS,
+            [os.path.dirname(p) for p in input.maps],
+            output.csv,
+            output.json,
         ),
         thickness=config["section_thickness_um"],
         code=fingerprint_stage("section-metrics"),
     shell:
-        "cytonet section-metrics --brains {input.brains} --brain {wildcards.brain} --section {wildcards.section}"
-        " {params.models} --section-thickness-um {params.thickness} > {log} 2>&1"
+        "cytonet section-metrics --brains {input.brains:q} --brain {wildcards.brain:q}"
+        " --section {wildcards.section:q} {params.models} --section-thickness-um {params.thickness} > {log:q} 2>&1"
 
 
 rule aggregate:
@@ -53,4 +56,4 @@ rule aggregate:
         out=lambda wc, output: os.path.dirname(output.overall),
         code=fingerprint_stage("aggregate"),
     shell:
-        "cytonet aggregate --metrics {input} --out {params.out} --montage-model cytonet > {log} 2>&1"
+        "cytonet aggregate --metrics {input:q} --out {params.out:q} --montage-model cytonet > {log:q} 2>&1"

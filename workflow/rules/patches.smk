@@ -22,6 +22,6 @@ rule patches:
         masks=lambda wc, input: os.path.dirname(input.masks[0]),
         code=fingerprint_stage("patches"),
     shell:
-        "cytonet patches --brain {wildcards.brain} --brains-table {input.brains} --areas {input.areas}"
-        " --masks-dir {params.masks} --out {params.out} --threads {threads} --dask {params.dask}"
-        " --params {params.patches} > {log} 2>&1"
+        "cytonet patches --brain {wildcards.brain:q} --brains-table {input.brains:q} --areas {input.areas:q}"
+        " --masks-dir {params.masks:q} --out {params.out:q} --threads {threads} --dask {params.dask}"
+        " --params {params.patches} > {log:q} 2>&1"

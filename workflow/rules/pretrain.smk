@@ -19,11 +19,11 @@ rule pretrain:
         # of the job (a Slurm job with an `mpi` resource runs its command in the batch script, without srun -n1).
         mpi="",
     params:
-        stores=lambda wc, input: " ".join(f"--store {os.path.dirname(m)}" for m in input.stores),
+        stores=lambda wc, input: options("--store", [os.path.dirname(m) for m in input.stores]),
         pretrain=as_json(config["pretrain"]),
         out=lambda wc, output: os.path.dirname(output.encoder),
         nproc=config["launch"]["nproc"],
         code=fingerprint_stage("pretrain"),
     shell:
-        "{resources.mpi} cytonet pretrain {params.stores} --out {params.out} --params {params.pretrain}"
-        " --nproc {params.nproc} --threads {threads} > {log} 2>&1"
+        "{resources.mpi} cytonet pretrain {params.stores} --out {params.out:q} --params {params.pretrain}"
+        " --nproc {params.nproc} --threads {threads} > {log:q} 2>&1"

@@ -12,4 +12,4 @@ rule benchmarks_page:
         # `python -m markdown`: Markdown is one of cytonet's dependencies, so the package's environment has it
         "../../envs/cytonet.yaml"
     shell:
-        "python -m markdown -x tables {input} > {output} 2> {log}"
+        "python -m markdown -x tables {input:q} > {output:q} 2> {log:q}"

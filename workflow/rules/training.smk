@@ -39,4 +39,4 @@ rule training_spec:
     params:
         spec=lambda wc: as_json(training_spec(wc.stage)),
     shell:
-        "printf '%s\\n' {params.spec} > {output.spec} 2> {log}"
+        "printf '%s\\n' {params.spec} > {output.spec:q} 2> {log:q}"
