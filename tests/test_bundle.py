@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -151,7 +152,13 @@ def test_card_problems_name_the_file(bundle, tmp_path):
 
 def test_write_is_atomic_and_refuses_to_overwrite(run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "b"
-    export_model(run_dir, out)
+    old_mask = os.umask(0o022)
+    try:
+        export_model(run_dir, out)
+    finally:
+        os.umask(old_mask)
+    for name in ("weights.safetensors", "model_card.json"):  # other lab members can read a bundle
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
     first = (out / "model_card.json").read_text()
     assert cytonet_main(["export-model", str(run_dir), "-o", str(out)]) == 2
     assert "already exists (pass --force" in capsys.readouterr().err

@@ -29,6 +29,7 @@ BRAINS_TABLE = "Lab Data/brains \"7\".csv"
 AREAS_TABLE = "Lab Data/areas (v2).csv"
 ABLATION = "it's \"E5\""  # ends up inside a JSON param (training spec) and a --model option
 PX_UM = 16.0  # PNG sections carry no pixel size: the sections table gives it (the rules' --pixel-size option)
+ANNOTATION = "annot [s000] 'ä'.png"  # labels of s000, so the plan trains (and maps) and every rule is planned
 
 
 def write_png_section(path: Path, seed: int, shape: tuple[int, int] = (256, 320)) -> None:
@@ -49,7 +50,10 @@ def write_lab_share(work: Path) -> None:
         write_png_section(lab / name, seed=i)
         affine = [PX_UM / 1000, 0, 0, 0, 0, PX_UM / 1000, 0, 0, 0, 0, 0, 0.02 * i]
         rows.append({"section_id": sid, "image": name, "pixel_size_um": PX_UM, "z_um": 20.0 * i,
-                     "transform": " ".join(map(str, affine))})
+                     "transform": " ".join(map(str, affine)), "annotation": ANNOTATION if i == 0 else ""})
+    labels = np.zeros((256, 320), np.uint8)
+    labels[60:200, 60:160], labels[60:200, 160:260] = 1, 2  # FA | PB inside the tissue ellipse
+    Image.fromarray(labels).save(lab / ANNOTATION)
     pd.DataFrame(rows).to_csv(lab / "sections 'b7'.csv", index=False)
     pd.DataFrame({"brain_id": ["b7"], "sections": [f"{Path(LAB).name}/sections 'b7'.csv"], "role": ["known"]}).to_csv(
         work / BRAINS_TABLE, index=False)

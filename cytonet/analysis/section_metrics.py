@@ -36,7 +36,6 @@ Outputs (each written to a temp file and renamed)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -49,6 +48,7 @@ import pandas as pd
 
 from cytonet.io.annotations import AnnotationError, labels_to_grid, load_labels, read_image
 from cytonet.io.atomic import atomic_write_csv, atomic_write_json
+from cytonet.io.maps import read_manifest
 from cytonet.io.metrics import STATUS_NO_GT, STATUS_OK, confusion_counts, scores_from_confusion, summary_from_confusion
 
 CSV_COLUMNS = ["model", "brain", "section", "role", "status", "area_id", "area", "f1", "iou", "n_px", "tp", "fp", "fn"]
@@ -77,10 +77,7 @@ class Prediction:
 def read_prediction(pred_dir: str | os.PathLike, name: str) -> Prediction:
     """Read ``<pred_dir>/<name>_infer.json`` and the area PNG it lists."""
     pred_dir = Path(pred_dir)
-    mpath = pred_dir / f"{name}_infer.json"
-    if not mpath.is_file():
-        raise MetricsError(f"section {name}: inference manifest {mpath} not found (inference incomplete?)")
-    manifest = json.loads(mpath.read_text())
+    manifest = read_manifest(pred_dir, name, MetricsError)
     png = pred_dir / manifest.get("outputs", {}).get("areas_png", f"{name}_areas.png")
     if not png.is_file():
         raise MetricsError(f"section {name}: area map {png} not found")

@@ -28,17 +28,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         yield Path(tmp)
         # mkstemp creates the file 0600; give it the mode any other new file gets (lab members must read results)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode a new file gets under the current umask (0644 with the usual 022)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

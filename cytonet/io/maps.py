@@ -338,3 +338,13 @@ class SectionMapWriter:
         atomic_write_text(self.manifest, json.dumps(manifest, indent=2))  # last: it vouches for the outputs above
         final["manifest"] = self.manifest
         return final
+
+
+def read_manifest(pred_dir: str | Path, name: str, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The manifest ``<pred_dir>/<name>_infer.json`` of a set of maps; ``error`` names the missing section."""
+    import json
+
+    path = Path(pred_dir) / f"{name}_infer.json"
+    if not path.is_file():
+        raise error(f"section {name}: inference manifest {path} not found (inference incomplete?)")
+    return json.loads(path.read_text())

@@ -65,7 +65,7 @@ Why dense and naive differ, and by how much (measured; see tests/test_infer.py a
 
 Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<name>_infer.json`` last)
 -------------------------------------------------------------------------------------------------------
-- ``<name>.ome.zarr``: OME-NGFF **0.5** (Zarr v3; read by ``ome-zarr`` >= 0.10 / napari-ome-zarr), a multiscale
+- ``<name>.ome.zarr``: OME-NGFF **0.5** (Zarr v3; read by ``ome-zarr`` >= 0.12 / napari-ome-zarr), a multiscale
   image of class probabilities float32 (c, y, x) (c = one channel per area in area-table order; NaN outside
   tissue), axes c:channel, y/x:space in micrometer; ``scale`` = physical pixel size of each level (output_um·2^l),
   ``translation`` puts cell centres in the section image's pixel-centre frame; ``omero`` channels carry area names

@@ -23,7 +23,6 @@ entry).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from cytonet.io.maps import SectionMapWriter
+from cytonet.io.maps import SectionMapWriter, read_manifest
 from cytonet.io.transforms import SectionTransform
 
 MIN_SAMPLE_WEIGHT = 0.5  # a bilinear sample needs half its weight inside the neighbour's tissue
@@ -162,10 +161,7 @@ def read_probabilities(pred_dir: str | os.PathLike, name: str) -> tuple[np.ndarr
     import zarr
 
     pred_dir = Path(pred_dir)
-    mpath = pred_dir / f"{name}_infer.json"
-    if not mpath.is_file():
-        raise SmoothError(f"section {name}: inference manifest {mpath} not found (inference incomplete?)")
-    manifest = json.loads(mpath.read_text())
+    manifest = read_manifest(pred_dir, name, SmoothError)
     zpath = pred_dir / manifest.get("outputs", {}).get("zarr", f"{name}.ome.zarr")
     try:
         probs = np.asarray(zarr.open_group(str(zpath), mode="r")["0"][...], dtype=np.float32)

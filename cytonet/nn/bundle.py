@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cytonet.io.atomic import json_clean
+from cytonet.io.atomic import json_clean, new_file_mode
 from cytonet.io.model_card import (
     BUNDLE_FORMAT,
     CARD_NAME,
@@ -59,6 +59,7 @@ def _write_folder(tmp: Path, model: Classifier, card: dict[str, Any]) -> None:
         json.dump(json_clean(card), fh, indent=2)  # NaN (a missing figure) becomes null: JSON has no NaN
         fh.write("\n")
     for name in (WEIGHTS_NAME, CARD_NAME):
+        os.chmod(tmp / name, new_file_mode())  # safetensors writes 0600; another lab must be able to read a bundle
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
 
