@@ -8,10 +8,10 @@ pixel falls in one ``column_mm`` square tile, depth from distance transforms of 
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -113,33 +113,30 @@ def _png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        raise FileNotFoundError(f"demo table missing: {path}")
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def section_samples(row: Any, column_mm: float = 0.5) -> dict[str, np.ndarray]:
+    """Column profiles of one demo section: a row of ``cytonet.io.tables.load_sections`` (absolute paths).
 
-
-def section_samples(brain_dir: Path, row: dict[str, str], column_mm: float = 0.5) -> dict[str, np.ndarray]:
-    """Column profiles of one section (a ``sections.csv`` row) of a demo brain folder."""
+    The layer and tissue maps lie beside the area ground truth (``truth/<section>_{area,layer,tissue}.png``).
+    """
     from cytonet.io.readers import open_section
 
-    sid = row["section_id"]
-    sec = open_section(brain_dir / row["image"])
+    sid = str(row["section_id"])
+    sec = open_section(row["image"])
     image = sec.region(0, 0, 0, *sec.levels[0].shape)
-    truth = brain_dir / "truth"
+    truth = Path(row["ground_truth"]).parent
     layer, area = _png(truth / f"{sid}_layer.png"), _png(truth / f"{sid}_area.png")
     tissue = _png(truth / f"{sid}_tissue.png") > 0
     if not (image.shape == layer.shape == area.shape == tissue.shape):
-        raise ValueError(f"{brain_dir}: section {sid}: image {image.shape} and truth maps "
+        raise ValueError(f"{row['image']}: section {sid}: image {image.shape} and truth maps "
                          f"{layer.shape}/{area.shape}/{tissue.shape} differ in shape")
     return column_profiles(image, layer, area, tissue, float(row["pixel_size_um"]), column_mm)
 
 
 def load_demo_names(demo_dir: Path) -> list[str]:
     """Area names of a demo, in area-id order (``areas.csv``)."""
-    rows = sorted(_rows(demo_dir / "areas.csv"), key=lambda r: int(r["area_id"]))
-    return [r["name"] for r in rows]
+    from cytonet.io.tables import load_areas
+
+    return [str(n) for n in load_areas(demo_dir / "areas.csv")["name"]]
 
 
 def load_demo(demo_dir: Path, column_mm: float = 0.5) -> tuple[Samples, dict[int, str], dict[str, dict]]:
@@ -148,14 +145,15 @@ def load_demo(demo_dir: Path, column_mm: float = 0.5) -> tuple[Samples, dict[int
     Returns the samples (area as name), the area id -> name map of ``areas.csv`` and, per section, its number
     of columns and their pixel coverage.
     """
-    names = {int(r["area_id"]): r["name"] for r in _rows(demo_dir / "areas.csv")}
+    from cytonet.io.tables import load_all_sections, load_areas
+
+    areas = load_areas(demo_dir / "areas.csv")
+    names = {int(i): str(n) for i, n in zip(areas["area_id"], areas["name"])}
     parts, per_section = [], {}
-    for brain in _rows(demo_dir / "brains.csv"):
-        table = demo_dir / brain["sections"]
-        for row in _rows(table):
-            s = section_samples(table.parent, row, column_mm)
-            per_section[row["section_id"]] = dict(columns=len(s["area"]), coverage=float(s["coverage"]))
-            parts.append((s, brain["role"]))
+    for _, row in load_all_sections(demo_dir / "brains.csv").iterrows():
+        s = section_samples(row, column_mm)
+        per_section[row["section_id"]] = dict(columns=len(s["area"]), coverage=float(s["coverage"]))
+        parts.append((s, row["role"]))
     prof = np.vstack([s["profiles"] for s, _ in parts])
     thick = np.vstack([s["thickness"] for s, _ in parts])
     area = np.concatenate([[names[int(a)] for a in s["area"]] for s, _ in parts]).astype(str)

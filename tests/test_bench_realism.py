@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -28,9 +27,10 @@ def tiny_brain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def columns(tiny_brain: Path) -> dict[str, np.ndarray]:
-    with open(tiny_brain / "sections.csv", newline="") as fh:
-        row = next(csv.DictReader(fh))
-    return realism.section_samples(tiny_brain, row, column_mm=0.5)
+    from cytonet.io.tables import load_sections
+
+    row = load_sections(tiny_brain / "sections.csv").iloc[0]
+    return realism.section_samples(row, column_mm=0.5)
 
 
 def test_column_profiles_shapes_and_depth_bins(columns: dict[str, np.ndarray]) -> None:

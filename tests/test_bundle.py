@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cytonet.cli import main as cytonet_main
+from cytonet.io.atomic import file_sha256
 from cytonet.learn.export import export_model
 from cytonet.mapping import infer
 from cytonet.nn import bundle as bundle_mod
@@ -122,7 +123,7 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(bundle, tmp_path, m
     with pytest.raises(BundleError, match=r"weights\.safetensors does not match the sha256"):
         load_bundle(fake)
     # Even with a card that vouches for the pickle, the safetensors parser refuses it and nothing is unpickled.
-    card["weights"]["sha256"] = bundle_mod._sha256(fake / "weights.safetensors")
+    card["weights"]["sha256"] = file_sha256(fake / "weights.safetensors")
     (fake / "model_card.json").write_text(json.dumps(card))
 
     def no_unpickling(*a, **k):

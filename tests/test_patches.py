@@ -17,6 +17,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+from cytonet.io.atomic import file_sha256
 from cytonet.io.transforms import SectionTransform
 from cytonet.preprocess import extraction
 from cytonet.preprocess import patches as P
@@ -337,7 +338,7 @@ def test_validate_store_detects_inconsistency(brain, tmp_path):
     with pytest.raises(ValueError, match="checksum"):
         P.validate_store(out)
     m = json.loads((out / "manifest.json").read_text())
-    m["table_sha256"] = P._sha256(out / "patches.parquet")
+    m["table_sha256"] = file_sha256(out / "patches.parquet")
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="table has 17 rows, store 18 patches"):
         P.validate_store(out)

@@ -98,7 +98,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--areas", default=None,
                         help="areas table (area_id, name, color); default for infer maps: the manifest's areas")
     parser.add_argument("-o", "--output", required=True,
-                        help="GeoJSON file to write (QuPath imports it: drop it onto the image)")
+                        help="GeoJSON file to write (QuPath imports it as annotations, e.g. importObjectsFromFile)")
 
 
 def run(args: argparse.Namespace) -> int:

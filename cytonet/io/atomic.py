@@ -42,6 +42,17 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (manifests record it; readers check it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text atomically; return the path."""
     with atomic_path(path) as tmp:

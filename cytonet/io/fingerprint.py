@@ -115,14 +115,3 @@ def fingerprint_stage(*stages: str) -> str:
     for stage in stages:
         modules |= import_closure(stage_module(stage))
     return fingerprint_modules(modules)
-
-
-def fingerprint_package(subpackage: str) -> str:
-    """Fingerprint of every module of a sub-package (``synth``), for rules that run all of it."""
-    names = {f"{ROOT}.{subpackage}." + p.relative_to(PACKAGE / subpackage).with_suffix("").as_posix().replace("/", ".")
-             for p in (PACKAGE / subpackage).rglob("*.py")}
-    names = {n.removesuffix(".__init__") for n in names}
-    closure: set[str] = set()
-    for name in names:
-        closure |= import_closure(name)
-    return fingerprint_modules(closure)

@@ -85,9 +85,8 @@ def area_features(polygons: dict[int, list[Polygon]], names: dict[int, str],
 
 def hex_rgb(colour: str) -> tuple[int, int, int]:
     """``#rrggbb`` (an areas-table colour) as an (r, g, b) tuple of 0..255."""
-    from PIL import ImageColor
-
-    return ImageColor.getrgb(colour)[:3]
+    c = colour.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
 
 
 def labels_to_geojson(labels: np.ndarray, areas: Sequence[tuple[int, str, str]],

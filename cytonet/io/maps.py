@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from cytonet.io.geojson import hex_rgb
+
 NGFF_VERSION = "0.5"
 UNCERTAIN_U8 = 255
 UNCERTAIN_U16 = 65535
@@ -123,7 +125,7 @@ class NgffWriter:
         self.root["entropy"].attrs["ome"] = {"version": NGFF_VERSION, "multiscales": _multiscales(
             "entropy", levels, output_um, image_um, False, "mean")}
         self.root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": ["areas"]}
-        rgba = [list(_hex_rgb(c)) + [255] for c in colours]
+        rgba = [list(hex_rgb(c)) + [255] for c in colours]
         self.root["labels/areas"].attrs["ome"] = {
             "version": NGFF_VERSION,
             "multiscales": _multiscales("areas", levels, output_um, image_um, False, "nearest"),
@@ -152,11 +154,6 @@ def _down2(x: np.ndarray, method: str, out_hw: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ PNG/TIFF outputs
-def _hex_rgb(c: str) -> tuple[int, int, int]:
-    c = c.lstrip("#")
-    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
-
-
 def write_label_png(path: Path, labels: np.ndarray, ids: list[int], colours: list[str], uncertain: int) -> Path:
     from PIL import Image
 
@@ -165,7 +162,7 @@ def write_label_png(path: Path, labels: np.ndarray, ids: list[int], colours: lis
         im = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
         pal = np.zeros((256, 3), np.uint8)
         for i, c in zip(ids, colours):
-            pal[i] = _hex_rgb(c)
+            pal[i] = hex_rgb(c)
         pal[uncertain] = (128, 128, 128)
         im.putpalette(pal.flatten().tolist())
     else:
@@ -215,7 +212,7 @@ def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, ids: list[i
     lab = labels[np.ix_(iy, ix)]
     lut = np.zeros((int(max(max(ids), uncertain)) + 1, 3), np.float32)
     for i, c in zip(ids, colours):
-        lut[i] = _hex_rgb(c)
+        lut[i] = hex_rgb(c)
     lut[uncertain] = (128, 128, 128)
     grey = np.repeat(thumb.astype(np.float32)[..., None], 3, axis=2)
     colour = lut[lab]
@@ -229,7 +226,7 @@ def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, ids: list[i
     if unc.any():
         ax.contourf(unc, levels=[0.5, 1.5], colors="none", hatches=["////"])
     ax.set_axis_off()
-    handles = [Patch(facecolor=np.array(_hex_rgb(c)) / 255, edgecolor="k", label=n) for n, c in zip(names, colours)]
+    handles = [Patch(facecolor=np.array(hex_rgb(c)) / 255, edgecolor="k", label=n) for n, c in zip(names, colours)]
     handles.append(Patch(facecolor=(0.5, 0.5, 0.5), hatch="////", edgecolor="k", label="uncertain"))
     ax.legend(handles=handles, loc="upper right", fontsize=max(4, min(10, h / 60)), framealpha=0.8)
     fig.savefig(path, dpi=dpi, format="png")
@@ -313,7 +310,7 @@ class SectionMapWriter:
         import json
 
         from cytonet.io.atomic import atomic_write_text
-        from cytonet.io.geojson import labels_to_geojson, write_geojson
+        from cytonet.io.geojson import labels_to_geojson, write_geojson  # rasterio: imported only when writing
 
         self.store.finish(output_um, image_um, pyramid_levels, self.names, self.colours, self.ids, self.uncertain)
         labels = self.store.labels0()

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from cytonet.io.annotations import is_set
-from cytonet.io.model_card import BundleError, check_card, read_card
+from cytonet.io.model_card import PIXEL_SIZE_TOLERANCE, BundleError, check_card, read_card
 
 # Every stage in the order the data flows; a plan is a subsequence. Names are the rules' (benchmarks_page: the
 # benchmark figures of docs/benchmarks.md in the report, part of the full comparison).
@@ -109,7 +109,8 @@ def _coarser_sections(card: dict[str, Any], sections: pd.DataFrame | None) -> li
     if sections is None or "pixel_size_um" not in sections:
         return []
     um = pd.to_numeric(sections["pixel_size_um"], errors="coerce")
-    coarse = sections[um > float(card["pixel_size_um"]) * 1.01]  # NaN (size from the image metadata): not known yet
+    # NaN (size from the image metadata) is not known yet and passes
+    coarse = sections[um > float(card["pixel_size_um"]) * (1 + PIXEL_SIZE_TOLERANCE)]
     return [f"{b}/{s} ({u:g} µm/px)" for b, s, u in zip(coarse["brain_id"], coarse["section_id"],
                                                         um[coarse.index])]
 

@@ -29,12 +29,11 @@ import pandas as pd
 
 from cytonet.cli import package_version
 from cytonet.io.model_card import BUNDLE_FORMAT, BundleError
+from cytonet.io.plan import TRAINED_MODELS
 from cytonet.io.tables import TableError, load_areas, load_brains
 from cytonet.nn.bundle import save_bundle
 from cytonet.nn.checkpoints import load_classifier
 from cytonet.nn.models import PIXEL_MEAN, PIXEL_STD
-
-MODELS = ("cytonet", "random_init", "ablation")
 
 
 class ExportError(ValueError):
@@ -178,8 +177,6 @@ def export_model(results_dir: str | Path, out: str | Path, *, model: str = "cyto
         trained = sorted(str(p.relative_to(results)) for p in results.glob("finetune/*/seed*/classifier.pt"))
         raise ExportError(f"no classifier {ck_path} (trained in this folder: {', '.join(trained) or 'none'}); "
                           "pick --model/--seed or point at the workflow's results folder")
-    if Path(out).exists() and not force:
-        raise BundleError(f"model bundle {out} already exists (pass --force to replace it)")
     classifier, ck = load_classifier(ck_path)
     card = build_card(results, ck_path, ck, model=model, seed=seed, areas=areas, brains=brains)
     return save_bundle(classifier, card, out, force=force)
@@ -190,7 +187,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``cytonet export-model``."""
     parser.add_argument("results", metavar="RESULTS_DIR", help="the workflow's results folder (config `results`)")
     parser.add_argument("-o", "--out", required=True, metavar="BUNDLE", help="bundle folder to write")
-    parser.add_argument("--model", default="cytonet", choices=MODELS, help="which trained model (default cytonet)")
+    parser.add_argument("--model", default="cytonet", choices=TRAINED_MODELS,
+                        help="which trained model (default cytonet)")
     parser.add_argument("--seed", type=int, default=0, help="which finetuning seed (default 0)")
     parser.add_argument("--areas", help="areas table: the colours (and a check of the names) of the card's areas")
     parser.add_argument("--brains", help="brains table: the roles of the training brains on the card")
@@ -206,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cytonet export-model: error: {exc}", file=sys.stderr)
         return 2
     card = json.loads((out / "model_card.json").read_text())
+    brains = card["training"]["brains"]
+    finetuned = sum(1 for b in brains if b["finetune_sections"])
+    pretrained = sum(1 for b in brains if b["pretrain"])
     print(f"{out}: {card['model']} seed {card['seed']}, {len(card['areas'])} areas, {card['pixel_size_um']:g} µm/px, "
-          f"{card['encoder']['encoder']} encoder, trained on {len(card['training']['brains'])} brain(s)")
+          f"{card['encoder']['encoder']} encoder, finetuned on {finetuned} brain(s), pretrained on {pretrained}")
     return 0

@@ -241,13 +241,14 @@ def _classifier_dense_model(model: nn.Module, patch_px: int | None, input_px: in
 def load_bundle_model(path: str | os.PathLike, pixel_size_um: float | None = None, areas: Any = None,
                       device: str = "cpu") -> DenseModel:
     """DenseModel from a model bundle folder (``cytonet export-model``); its card must fit ``areas``."""
+    from cytonet.io.model_card import card_areas
     from cytonet.nn.bundle import BundleError, load_bundle
 
     try:
         model, card = load_bundle(path, pixel_size_um=pixel_size_um, areas=areas, device=device)
     except BundleError as exc:
         raise InferenceError(str(exc)) from exc
-    ids, names = [int(a["area_id"]) for a in card["areas"]], [str(a["name"]) for a in card["areas"]]
+    ids, names = [a[0] for a in card_areas(card)], [a[1] for a in card_areas(card)]
     return _classifier_dense_model(model, card["patch_px"], card["input_px"], float(card["pixel_size_um"]), ids,
                                    names, str(path))
 

@@ -13,7 +13,6 @@ folder that looks like a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cytonet.io.atomic import json_clean, new_file_mode
+from cytonet.io.atomic import file_sha256, json_clean, new_file_mode
 from cytonet.io.model_card import (
     BUNDLE_FORMAT,
     CARD_NAME,
@@ -38,14 +37,6 @@ from cytonet.nn.models import build_encoder, prepare_model
 __all__ = ["BUNDLE_FORMAT", "BundleError", "load_bundle", "save_bundle"]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_folder(tmp: Path, model: Classifier, card: dict[str, Any]) -> None:
     """weights.safetensors, then model_card.json (with the weights' checksum) into ``tmp``, both fsynced."""
     from safetensors.torch import save_file
@@ -53,7 +44,7 @@ def _write_folder(tmp: Path, model: Classifier, card: dict[str, Any]) -> None:
     # contiguous CPU copies: safetensors stores raw buffers and refuses views that share memory
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": BUNDLE_FORMAT})
-    card = dict(card, format=BUNDLE_FORMAT, weights={"file": WEIGHTS_NAME, "sha256": _sha256(tmp / WEIGHTS_NAME),
+    card = dict(card, format=BUNDLE_FORMAT, weights={"file": WEIGHTS_NAME, "sha256": file_sha256(tmp / WEIGHTS_NAME),
                                                       "tensors": len(tensors)})
     with open(tmp / CARD_NAME, "w") as fh:
         json.dump(json_clean(card), fh, indent=2)  # NaN (a missing figure) becomes null: JSON has no NaN
@@ -100,7 +91,7 @@ def _read_weights(folder: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]
     if not path.is_file():
         raise BundleError(f"model bundle {folder}: {WEIGHTS_NAME} not found")
     expected = (card.get("weights") or {}).get("sha256")
-    if expected and _sha256(path) != expected:
+    if expected and file_sha256(path) != expected:
         raise BundleError(f"model bundle {folder}: {WEIGHTS_NAME} does not match the sha256 in {CARD_NAME} "
                           "(the file changed after export)")
     try:

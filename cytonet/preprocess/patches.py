@@ -63,7 +63,6 @@ tasks on large brains) with the patches written so far and the elapsed time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -80,6 +79,7 @@ import numpy as np
 import pandas as pd
 
 from cytonet.io.annotations import AnnotationError, is_set, load_labels, read_image
+from cytonet.io.atomic import file_sha256
 from cytonet.io.params import parse_params as read_params
 from cytonet.preprocess.dask_cluster import (
     BackgroundClient,
@@ -233,14 +233,6 @@ def inspect_section(row: Any, masks_dir: str | os.PathLike, areas: pd.DataFrame,
     info = SectionInfo(sid, image, float(p0), shape, str(mask_file), str(annotation) if labels is not None else None,
                        transform, area, {"pixel_size_override": px})
     return info, mask, labels
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 
@@ -450,7 +442,7 @@ def _write_manifest(out: Path, brain: str, table: pd.DataFrame, p: dict[str, Any
         "sections": {s: int(c) for s, c in table["section"].value_counts(sort=False).items()},
         "skipped_sections": [q["section"] for q in qc],
         "params": p,
-        "table_sha256": _sha256(out / "patches.parquet"),
+        "table_sha256": file_sha256(out / "patches.parquet"),
         "decoded_bytes": int(stats_total["decoded_bytes"]),
         "timings": {**timings, "task_seconds_total": round(stats_total.get("task_seconds", 0.0), 3)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -586,7 +578,7 @@ def validate_store(path: str | os.PathLike) -> None:
     tpath = out / "patches.parquet"
     if not tpath.is_file():
         raise ValueError(f"patch store {out}: patches.parquet missing")
-    if _sha256(tpath) != manifest.get("table_sha256"):
+    if file_sha256(tpath) != manifest.get("table_sha256"):
         raise ValueError(f"patch store {out}: patches.parquet checksum differs from manifest")
     table = pd.read_parquet(tpath)
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]

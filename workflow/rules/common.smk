@@ -9,11 +9,11 @@ import sys
 import pandas as pd
 
 from cytonet.io.fingerprint import fingerprint_modules, fingerprint_stage, import_closure, stage_module
-from cytonet.io.plan import check_plan, plan_stages
+from cytonet.io.plan import TRAINED_MODELS, check_plan, plan_stages
 from cytonet.io.tables import load_all_sections
 
 # The compared models (finetune.smk) and their seeds; the wildcard constraints below need them.
-MODELS = ["cytonet", "random_init", "ablation"]
+MODELS = list(TRAINED_MODELS)
 SEEDS = config["evaluate"]["seeds"]
 
 
@@ -175,10 +175,7 @@ def training_spec(stage: str) -> dict:
         spec.update(pretrain=config["pretrain"], nproc=config["launch"]["nproc"], code=TRAINING_CODE["pretrain"])
     elif stage.startswith("finetune_"):
         model = stage[len("finetune_") :]
-        finetune = dict(config["finetune"])
-        if model == "ablation":
-            finetune.update(config["evaluate"]["ablation_finetune"])
-        spec.update(model=model, finetune=finetune, code=TRAINING_CODE["finetune"])
+        spec.update(model=model, finetune=finetune_config(model), code=TRAINING_CODE["finetune"])
     elif stage == "evaluate":
         spec.update(
             evaluate=config["evaluate"],
@@ -195,11 +192,16 @@ def known_brains() -> list[str]:
     return sorted(SECTIONS.loc[SECTIONS.role == "known", "brain_id"].unique())
 
 
+def finetune_config(model: str) -> dict:
+    """The finetune recipe of ``model``: the ablation changes the keys of evaluate.ablation_finetune."""
+    recipe = dict(config["finetune"])
+    if model == "ablation":
+        recipe.update(config["evaluate"]["ablation_finetune"])
+    return recipe
+
+
 def finetune_params(wildcards) -> str:
-    params = dict(config["finetune"], seed=int(wildcards.seed))
-    if wildcards.model == "ablation":
-        params.update(config["evaluate"]["ablation_finetune"])
-    return as_json(params)
+    return as_json(dict(finetune_config(wildcards.model), seed=int(wildcards.seed)))
 
 
 MODEL_NAMES = {"cytonet": "CytoNet", "random_init": "random init", "ablation": config["evaluate"]["ablation_name"]}
