@@ -2,7 +2,8 @@
 
 Runs single-process, under ``torchrun --standalone --nproc-per-node N -m cytonet.learn.pretrain ...``, under ``srun``
 (rank from SLURM_PROCID etc., see cytonet/nn/distributed.py), or ``cytonet pretrain --nproc N`` (local spawn).
-Negatives are gathered from all ranks; keys closer than ``radius_mm`` to the query are not negatives.
+Negatives are gathered from all ranks; keys closer than ``radius_mm`` to the query are not negatives. BatchNorm
+is synchronised over the ranks (config key ``sync_batchnorm``, on by default whenever there is more than one).
 Rank 0 writes atomic checkpoints; a restarted run resumes from the newest one in its output folder.
 
 Outputs in ``--out``: ``encoder.pt`` (weights + spec, written last), ``metrics.csv``, ``summary.json``,
@@ -16,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import time
 import warnings
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cytonet.io.logs import format_duration, setup_logging
+from cytonet.io.logs import format_duration
 from cytonet.io.params import add_params_arguments, parse_params, with_defaults
 from cytonet.nn import distributed as cdist
 from cytonet.nn.checkpoints import ENCODER_FORMAT, atomic_save, list_checkpoints, load_latest_checkpoint
@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": 2,
     "seed": 0,
     "precision": "auto",       # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    "sync_batchnorm": "auto",  # BatchNorm statistics over all ranks' samples; auto: when world size > 1
     "threads": None,           # torch intra-op threads (None: CPU count / local ranks)
     "log_every": 1,            # steps between metrics rows
     "tensorboard": False,      # also log to TensorBoard when installed
@@ -84,6 +85,7 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"config key 'augment_on': {out['augment_on']!r} is not 'loader' or 'device'")
     if out["loss"] not in LOSSES:
         raise ValueError(f"config key 'loss': {out['loss']!r} is not one of {LOSSES}")
+    cdist.use_sync_batchnorm(out["sync_batchnorm"], 1)  # raises for anything but auto/true/false
     for key in ("samples", "epochs", "batch_size", "checkpoint_every", "embedding_dim", "log_every"):
         if int(out[key]) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {out[key]!r}")
@@ -228,15 +230,6 @@ def run_plan(cfg: dict[str, Any], world_size: int) -> dict[str, int]:
             "draws_per_rank": per_epoch * cfg["batch_size"]}
 
 
-def _threads(cfg: dict[str, Any], local_world: int) -> int:
-    # Snakemake exports OMP_NUM_THREADS = rule threads; without an explicit value, split the CPUs over local ranks.
-    if cfg.get("threads"):
-        return int(cfg["threads"])
-    if os.environ.get("CYTONET_THREADS"):
-        return int(os.environ["CYTONET_THREADS"])
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))
-
-
 # ------------------------------------------------------------------------------------------------- training
 @dataclass
 class _Run:
@@ -247,6 +240,7 @@ class _Run:
     env: cdist.DistEnv
     dev: torch.device
     out: Path
+    sync_bn: bool = False  # BatchNorm synchronised over the ranks (config key sync_batchnorm)
     model: Any = None  # the Encoder (what is saved)
     ddp: Any = None  # the model as trained: DDP-wrapped when distributed, else the model itself
     opt: Any = None
@@ -288,11 +282,12 @@ def _plan_run(config: dict[str, Any] | None, out_dir: str | Path, device: str) -
     out = Path(out_dir)
     env, dev = cdist.init_distributed(device)
     local_world = cdist.local_world_size(default=env.world_size)
-    torch.set_num_threads(_threads(cfg, local_world))
+    torch.set_num_threads(cdist.threads_per_rank(cfg["threads"], local_world))
     plan = run_plan(cfg, env.world_size)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    return _Run(cfg=cfg, plan=plan, env=env, dev=dev, out=out)
+    return _Run(cfg=cfg, plan=plan, env=env, dev=dev, out=out,
+                sync_bn=cdist.use_sync_batchnorm(cfg["sync_batchnorm"], env.world_size))
 
 
 def _build_data(stores: Sequence[str | Path], run: _Run) -> tuple[Any, Any, Any]:
@@ -320,6 +315,8 @@ def _build_model(run: _Run) -> None:
     cfg, plan, dev = run.cfg, run.plan, run.dev
     seed_everything(cfg["seed"])  # identical init on every rank (DDP also broadcasts rank 0's weights)
     run.model = prepare_model(build_encoder(cfg["encoder"], cfg["embedding_dim"], cfg["proj_hidden"]), dev)
+    if run.sync_bn:  # same state_dict keys: checkpoints and encoder.pt do not depend on it
+        run.model = cdist.convert_sync_batchnorm(run.model, dev)
     run.ddp = run.model
     if run.env.distributed:
         run.ddp = DDP(run.model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -357,9 +354,10 @@ def _log_start(run: _Run, data: Any) -> None:
     log.info("%d patches from %d store(s) (brains %s), %d px; encoder %s, loss %s, radius %.3g mm",
              len(data), len(data.paths), ", ".join(data.brains), data.patch_px, cfg["encoder"], cfg["loss"],
              cfg["radius_mm"])
-    log.info("%d steps of %d samples (%d rank(s) x %d) in %d epoch(s) on %s; metrics every %d steps, checkpoint "
-             "every %d", plan["total_steps"], plan["global_batch"], run.env.world_size, cfg["batch_size"],
-             cfg["epochs"], run.dev, cfg["log_every"], cfg["checkpoint_every"])
+    log.info("%d steps of %d samples (%d rank(s) x %d) in %d epoch(s) on %s, SyncBatchNorm %s; metrics every %d "
+             "steps, checkpoint every %d", plan["total_steps"], plan["global_batch"], run.env.world_size,
+             cfg["batch_size"], cfg["epochs"], run.dev, "on" if run.sync_bn else "off", cfg["log_every"],
+             cfg["checkpoint_every"])
 
 
 class _MetricsLog:
@@ -514,14 +512,17 @@ def _save_checkpoint(run: _Run) -> None:
 def _finish(run: _Run, data: Any, stores: Sequence[str | Path], metrics: _MetricsLog | None) -> dict[str, Any]:
     """Make every rank hold rank 0's model; rank 0 writes encoder.pt and summary.json. Returns the run's result."""
     env = run.env
+    spread = 0.0
     if env.distributed:
-        # BatchNorm running stats are per rank (DDP re-broadcasts them only at the next forward): make every
-        # rank hold rank 0's model, the one that is saved.
+        # Without SyncBatchNorm the running stats are per rank (DDP re-broadcasts them only at the next forward):
+        # record how far they drifted apart, then make every rank hold rank 0's model, the one that is saved.
+        spread = cdist.buffer_spread(run.model)
         for buf in run.model.buffers():
             dist.broadcast(buf, 0)
     result: dict[str, Any] = {"step": run.step, "resumed_from": run.resumed_from, "fallbacks": run.fallbacks,
                               "drawn": run.drawn, "fallback_frac": run.fallbacks / max(run.drawn, 1),
-                              "logits_shape": run.last_logits_shape, "rank": env.rank, "world_size": env.world_size}
+                              "logits_shape": run.last_logits_shape, "rank": env.rank, "world_size": env.world_size,
+                              "sync_batchnorm": run.sync_bn, "bn_rank_spread": spread}
     if env.is_main:
         metrics.close()
         _write_outputs(run, data, stores, result)
@@ -562,25 +563,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="log the per-step progress lines at debug level only (shown with cytonet -v)")
 
 
-def _spawned(stores: list[str], out: str, cfg: dict, device: str, progress: bool, verbosity: int | None = None) -> None:
-    if verbosity is not None:  # a spawned rank is a fresh interpreter: set up its logging as `cytonet` did
-        setup_logging(verbosity)
-    try:
-        pretrain(stores, out, cfg, device=device, progress=progress)
-    finally:
-        cdist.cleanup()
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry of ``cytonet pretrain``."""
     cfg = parse_params(args.params, args.param)
     if args.threads:
         cfg["threads"] = args.threads
     validate_config(cfg)  # fail before any process is spawned
-    if args.nproc > 1 and cdist.detect_env().world_size == 1:
-        verbosity = getattr(args, "log_verbose", 0) - getattr(args, "log_quiet", 0)
-        cdist.launch_local(args.nproc, _spawned, list(args.store), args.out, cfg, args.device, not args.no_progress,
-                           verbosity)
-        return 0
-    _spawned(list(args.store), args.out, cfg, args.device, not args.no_progress)
+    verbosity = getattr(args, "log_verbose", 0) - getattr(args, "log_quiet", 0)
+    cdist.run_ranks(args.nproc, pretrain, (list(args.store), args.out, cfg, args.device, False,
+                                           not args.no_progress), verbosity)
     return 0

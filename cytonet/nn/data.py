@@ -182,8 +182,9 @@ def plain(patch: np.ndarray | torch.Tensor, out_px: int | None = None) -> torch.
     return normalize_uint8(x[0])[0]
 
 
-def _item_generator(seed: int, key: int, salt: int) -> torch.Generator:
-    # Derive the randomness of one sample from (seed, draw key): independent of worker count and resumable.
+def item_generator(seed: int, key: int, salt: int) -> torch.Generator:
+    """The random generator of one sample, from (seed, draw key, salt): independent of rank and worker count,
+    and resumable."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + key * 7919 + salt * 104_729) % (2**63 - 1))
     return g
@@ -219,7 +220,7 @@ class SpatialPairDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         anchor, key = int(item[0]), int(item[1])
-        gen = _item_generator(self.seed, key, 1)
+        gen = item_generator(self.seed, key, 1)
         other, fallback = self.partner(anchor, gen)
         if self.raw:  # augmentation happens later on the device (augment_views): ship uint8 and the draw key
             v1, v2 = torch.from_numpy(self.stores.read(anchor).copy()), torch.from_numpy(self.stores.read(other).copy())
@@ -234,7 +235,7 @@ class SpatialPairDataset(Dataset):
 def augment_views(raw: torch.Tensor, keys: torch.Tensor, seed: int, salt: int, aug: AugmentConfig | None = None,
                   out_px: int | None = None) -> torch.Tensor:
     """Augment a raw uint8 batch [B,H,W] where it lives (e.g. on the GPU), randomness keyed by draw."""
-    return torch.stack([augment(r, _item_generator(seed, int(k), salt), aug, out_px)
+    return torch.stack([augment(r, item_generator(seed, int(k), salt), aug, out_px)
                         for r, k in zip(raw, keys, strict=True)])
 
 
