@@ -357,3 +357,60 @@ def test_finetune_checkpoint(tmp_path, section):
     with pytest.raises(infer.InferenceError, match="nores.pt"):
         infer.load_classifier(tmp_path / "nores.pt")
     assert infer.load_classifier(tmp_path / "nores.pt", pixel_size_um=4.0).pixel_size_um == 4.0
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pipeline_options_keep_the_dense_maps(tmp_path, section, model, dense_naive):
+    """Prefetching changes nothing (bit for bit); tile batches (tiles zero-padded to a few shapes at their far
+    edges, so padding never reaches a used feature) and NCHW vs NHWC change the maps by float rounding only."""
+    base = dense_naive[0]
+    serial = _run(tmp_path / "serial", section, model, mode="dense", tile_px=256,
+                  pipeline=infer.PipelineOptions(prefetch=0))
+    assert _probs(serial).tobytes() == _probs(base).tobytes()
+    batched = _run(tmp_path / "batched", section, model, mode="dense", tile_px=256,
+                   pipeline=infer.PipelineOptions(tile_batch=3))
+    np.testing.assert_allclose(_probs(batched), _probs(base), atol=1e-6, equal_nan=True)
+    info, info_base = (json.loads(r.paths["manifest"].read_text()) for r in (batched, base))
+    assert info["tile_batch"] == 3 and info["trunk_px"] > info_base["trunk_px"]  # edge tiles were padded
+    assert set(info["timings"]) == {"read_s", "compute_s", "write_s", "map_s"}
+    assert info_base["channels_last"] is True  # auto: NHWC on the CPU
+    nchw = _run(tmp_path / "nchw", section, model, mode="dense", tile_px=256,
+                pipeline=infer.PipelineOptions(channels_last=False))
+    assert json.loads(nchw.paths["manifest"].read_text())["channels_last"] is False
+    np.testing.assert_allclose(_probs(nchw), _probs(base), atol=1e-5, equal_nan=True)
+    again = _run(tmp_path / "again", section, model, mode="dense", tile_px=256)  # the trunk is NHWC again
+    assert _probs(again).tobytes() == _probs(base).tobytes()
+    with pytest.raises(infer.InferenceError, match="tile_batch"):
+        _run(tmp_path / "bad", section, model, pipeline=infer.PipelineOptions(tile_batch=0))
+
+
+def test_prefetcher_overlaps_and_raises_the_readers_error():
+    """Reads run ahead in a thread (5 x 0.1 s reads beside 5 x 0.1 s of work take ~0.6 s, not 1 s); a read error
+    reaches the consumer, with and without the thread; leaving early stops the reader."""
+    import time
+
+    from cytonet.mapping.pipeline import Prefetcher
+
+    def slow(x: int) -> int:
+        time.sleep(0.1)
+        return x * 2
+
+    t0 = time.perf_counter()
+    got = []
+    with Prefetcher(range(5), slow, depth=2) as items:
+        for v in items:
+            time.sleep(0.1)
+            got.append(v)
+    assert got == [0, 2, 4, 6, 8] and time.perf_counter() - t0 < 0.85 and items.busy_s >= 0.5
+
+    def broken(x: int) -> int:
+        if x == 2:
+            raise ValueError("tile 2 unreadable")
+        return x
+
+    for depth in (0, 3):
+        with pytest.raises(ValueError, match="tile 2"), Prefetcher(range(5), broken, depth) as items:
+            list(items)
+    with Prefetcher(range(100), slow, depth=2) as items:
+        next(iter(items))
+    assert not items._thread.is_alive() and items.busy_s < 1.0  # stopped after a few reads, not 100

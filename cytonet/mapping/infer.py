@@ -63,6 +63,26 @@ Why dense and naive differ, and by how much (measured; see tests/test_infer.py a
    per tile core C: for ResNet-50 (margin 224 px after rounding to cells) at S = 256 that is 1.8× less work on a
    1024 px core. tests/test_infer.py checks that the maps stay within the dense-naive agreement (>= 99 %).
 
+Jobs, ranks and the input pipeline
+----------------------------------
+``cytonet infer`` maps a batch of sections (repeat ``--image``/``--mask``/``--name``) with every
+``--classifier``/``--out`` pair, one process (rank) per GPU: srun tasks or torchrun workers, or ``--nproc N``
+processes spawned here; rank r of W maps sections r, r+W, ... on ``cuda:LOCAL_RANK`` (CPU: threads split over the
+ranks) and loads each model once (:mod:`cytonet.mapping.ranks`). The workflow runs one such job per
+``infer.sections_per_job`` sections of a brain (:mod:`cytonet.mapping.batch` for its manifests).
+Within a section (:func:`_map_blocks`, :mod:`cytonet.mapping.pipeline`), a reader thread reads tiles a few ahead
+(``prefetch``, bounded queue; pinned memory on CUDA, copied to the GPU with ``non_blocking``) while this thread runs
+the network under ``torch.inference_mode`` (bf16 autocast on CUDA). Label/entropy blocks and Zarr writes stay in
+this thread (a writer thread measured slower on CPU); on CUDA results come back by an asynchronous copy into
+pinned memory and a group is written while the GPU computes the next one. So a section's wall time approaches
+max(read, compute + write) instead of read + compute + write (benchmarks/bench_infer_pipeline.py).
+``tile_batch`` > 1 runs several dense tiles through the trunk at once: tiles are zero-padded at their far edges to
+one of at most 16 shapes (quarters of the full tile), and the padding lies beyond the receptive-field halo, so
+maps stay tile-independent (with ``halo_px`` below the margin the bottom/right tile edges then see PAD_VALUE
+instead of the convolutions' zero padding). ``channels_last`` converts the trunk and its inputs to NHWC: by
+default on the CPU, where it measured 1.2-3x faster for 1-channel input, not on CUDA (unmeasured). None of these
+changes a map beyond float rounding; prefetching changes nothing at all (tests/test_infer.py).
+
 Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<name>_infer.json`` last)
 -------------------------------------------------------------------------------------------------------
 - ``<name>.ome.zarr``: OME-NGFF **0.5** (Zarr v3; read by ``ome-zarr`` >= 0.12 / napari-ome-zarr), a multiscale
@@ -76,19 +96,23 @@ Outputs (``<out>/<name>...``, each written to a temp path first and renamed; ``<
   ids >= 255 (then uncertain = 65535).
 - ``<name>_entropy.tif``: float32 normalised entropy (ImageJ TIFF with the pixel size).
 - ``<name>_overlay.png``: area map blended over the section thumbnail with a legend; uncertain = grey, hatched.
-- ``<name>_infer.json``: parameters, area table, timings. Its presence marks the outputs complete.
+- ``<name>_infer.json``: parameters, area table, timings (read, compute, write and wall seconds of the tile loop).
+  Its presence marks the outputs complete. With ``--batch-manifest PATH`` (a workflow batch job) it is staged
+  instead and gathered into PATH, written last; the workflow publishes each section's copy from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +122,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cytonet.io.maps import SectionMapWriter, thumbnail
+from cytonet.mapping.pipeline import Prefetcher
 from cytonet.nn.models import autocast
 
 log = logging.getLogger(__name__)
@@ -432,53 +457,147 @@ def _tile_px(grid: Grid, n: int) -> int:
     return int((c[1] - c[0] + grid.K + 2 * grid.margin_cells) * grid.s)
 
 
-@torch.no_grad()
-def _dense_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.device) -> np.ndarray:
-    """Probabilities [ni, nj, A] of one block via one trunk pass over its tile."""
-    s, K, M = grid.s, grid.K, grid.margin_cells
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the tiles of a section flow through the network (none of it changes the maps beyond float rounding).
+
+    ``prefetch``: tiles a reader thread reads ahead (into pinned memory on CUDA) while the network runs;
+    0 = read, compute and write in line (the serial baseline).
+    ``tile_batch``: dense tiles per trunk call; above 1 every tile is zero-padded at its far edges to one of a few
+    shapes (quarters of the full tile) so that tiles of one shape form a batch. With the full receptive-field
+    halo no used feature sees the padding (module docstring); with a smaller ``halo_px`` the bottom/right tile
+    edges then see PAD_VALUE instead of the convolutions' own zero padding.
+    ``channels_last``: convert the trunk (and its inputs) to NHWC; None = on the CPU only, where it measured
+    1.2-3x faster for 1-channel input (docs/benchmarks.md); on CUDA it is unmeasured, so NCHW unless asked.
+    """
+
+    prefetch: int = 4
+    tile_batch: int = 1
+    channels_last: bool | None = None
+
+
+@dataclass
+class _Tile:
+    """One block's input tile (uint8, maybe padded) and, for dense, its size and pooling cells in feature cells."""
+
+    block: _Block
+    data: Any                                  # dense: torch uint8 (h, w) (pinned on CUDA); naive: numpy
+    cells: tuple[int, int] = (0, 0)            # dense: the tile's own size in feature cells (before padding)
+    sel: tuple[torch.Tensor, torch.Tensor] | None = None  # dense: feature cell where each output row/column pools
+
+
+def _dense_geometry(grid: Grid, b: _Block) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
+    """(first feature cell y, x, tile cells h, w, pooling cell of each output row, column) of a block's tile."""
+    K, M = grid.K, grid.margin_cells
+    cy, cx = grid.cell(np.arange(b.i0, b.i1)), grid.cell(np.arange(b.j0, b.j1))
+    ky0, kx0 = int(cy[0] - M), int(cx[0] - M)
     # Tiles at the grid's end are smaller (only the cells needed); the full halo keeps results tile-independent.
-    iy = np.arange(b.i0, b.i1)
-    ix = np.arange(b.j0, b.j1)
-    cy, cx = grid.cell(iy), grid.cell(ix)
-    ky0, kx0 = cy[0] - M, cx[0] - M
-    hc, wc = cy[-1] + K + M - ky0, cx[-1] + K + M - kx0
+    return ky0, kx0, int(cy[-1] + K + M - ky0), int(cx[-1] + K + M - kx0), cy - ky0, cx - kx0
+
+
+def _padded_cells(grid: Grid, block: int) -> Callable[[int, int], tuple[int, int]]:
+    """Tile size (cells) -> padded size: the next quarter of the largest tile a block can need (<= 16 shapes)."""
+    gh, gw = grid.shape
+    full = [int(math.ceil((min(block, n) - 1) * grid.T / grid.s)) + grid.K + 2 * grid.margin_cells
+            for n in (gh, gw)]
+
+    def pad(hc: int, wc: int) -> tuple[int, int]:
+        out = []
+        for n, f in zip((hc, wc), full):
+            q = -(-f // 4)
+            out.append(max(n, min(f, -(-n // q) * q)))
+        return out[0], out[1]
+
+    return pad
+
+
+def _read_tile(img: Any, grid: Grid, mode: str, pad: Callable[[int, int], tuple[int, int]] | None,
+               pin: torch.device | None, b: _Block) -> _Tile:
+    """The input tile of a block (run in the reader thread): dense with its halo, naive with its windows.
+
+    ``pin``: the CUDA device the tile goes to; dense tiles and their pooling indices then land in pinned memory,
+    so that their copies to the GPU are asynchronous (a pageable copy would wait for the GPU's queue).
+    """
+    if mode == "naive":
+        y0, x0 = int(grid.win0(np.int64(b.i0))), int(grid.win0(np.int64(b.j0)))
+        ni, nj = b.i1 - b.i0, b.j1 - b.j0
+        return _Tile(b, _read(img, y0, x0, (ni - 1) * grid.T + grid.S, (nj - 1) * grid.T + grid.S))
+    s = grid.s
+    ky0, kx0, hc, wc, sy, sx = _dense_geometry(grid, b)
     tile = _read(img, grid.phase + ky0 * s, grid.phase + kx0 * s, hc * s, wc * s)
-    x = model.preprocess(torch.from_numpy(tile)[None]).to(dev)
-    if dev.type == "cuda":
+    if pad is not None:
+        ph, pw = pad(hc, wc)
+        tile = np.pad(tile, ((0, (ph - hc) * s), (0, (pw - wc) * s)), constant_values=PAD_VALUE)
+    data, sel = torch.from_numpy(tile), (torch.from_numpy(sy), torch.from_numpy(sx))
+    if pin is not None:
+        with torch.cuda.device(pin):  # the current device is per thread: no CUDA context on another rank's GPU
+            data, sel = data.pin_memory(), (sel[0].pin_memory(), sel[1].pin_memory())
+    return _Tile(b, data, (hc, wc), sel)
+
+
+def _dense_group(model: DenseModel, grid: Grid, tiles: list[_Tile], dev: torch.device,
+                 channels_last: bool) -> torch.Tensor:
+    """Probabilities [sum of ni*nj, A] of tiles of one shape, tile after tile, via one trunk pass over all."""
+    s, K = grid.s, grid.K
+    x = model.preprocess(torch.stack([t.data.to(dev, non_blocking=True) for t in tiles]))
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(dev):
         feat = model.trunk(x)
-        if feat.shape[-2:] != (hc, wc):
-            raise RuntimeError(f"trunk returned {tuple(feat.shape[-2:])} cells for a {hc * s}x{wc * s} tile; "
-                               f"expected {(hc, wc)} (net_stride {s} wrong?)")
-        pooled = F.avg_pool2d(feat.float(), K, stride=1)  # box filter: pooled[a] = mean(feat[a:a+K])
-        ni, nj = b.i1 - b.i0, b.j1 - b.j0
-        sel = pooled[0][:, torch.as_tensor(cy[:ni] - ky0, device=dev)][:, :, torch.as_tensor(cx[:nj] - kx0, device=dev)]
-        C = sel.shape[0]
-        logits = model.head(sel.permute(1, 2, 0).reshape(-1, C))
-    return torch.softmax(logits.float(), dim=1).reshape(ni, nj, -1).cpu().numpy()
+        if feat.shape[-2:] != (x.shape[-2] // s, x.shape[-1] // s):
+            raise RuntimeError(f"trunk returned {tuple(feat.shape[-2:])} cells for a {x.shape[-2]}x{x.shape[-1]} "
+                               f"tile; expected {(x.shape[-2] // s, x.shape[-1] // s)} (net_stride {s} wrong?)")
+        rows = []
+        for k, t in enumerate(tiles):
+            hc, wc = t.cells
+            # box filter over the tile's own cells (padding cut off): pooled[a] = mean(feat[a:a+K])
+            pooled = F.avg_pool2d(feat[k:k + 1, :, :hc, :wc].float(), K, stride=1)[0]
+            sy, sx = (v.to(dev, non_blocking=True) for v in t.sel)
+            rows.append(pooled[:, sy][:, :, sx].permute(1, 2, 0).reshape(len(sy) * len(sx), -1))
+        logits = model.head(torch.cat(rows))
+    return torch.softmax(logits.float(), dim=1)
 
 
-@torch.no_grad()
-def _naive_block(model: DenseModel, img: Any, grid: Grid, b: _Block, dev: torch.device,
-                 batch: int) -> np.ndarray:
+def _naive_tile(model: DenseModel, grid: Grid, t: _Tile, dev: torch.device, batch: int,
+                channels_last: bool) -> np.ndarray:
     """Probabilities [ni, nj, A] of one block (NaN outside tissue), one network run per tissue window."""
-    S = grid.S
-    y0, x0 = int(grid.win0(np.int64(b.i0))), int(grid.win0(np.int64(b.j0)))
+    S, b, tile = grid.S, t.block, t.data
     ni, nj = b.i1 - b.i0, b.j1 - b.j0
-    tile = _read(img, y0, x0, (ni - 1) * grid.T + S, (nj - 1) * grid.T + S)
     li, lj = np.nonzero(b.tissue)
     out = np.full((ni, nj, len(model.area_ids)), np.nan, np.float32)
     for a in range(0, len(li), batch):
         wy, wx = li[a:a + batch] * grid.T, lj[a:a + batch] * grid.T
         wins = np.stack([tile[y:y + S, x:x + S] for y, x in zip(wy, wx)])
-        x = model.preprocess(torch.from_numpy(wins)).to(dev)
-        if dev.type == "cuda":
+        x = model.preprocess(torch.from_numpy(wins).to(dev, non_blocking=True))
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev):
             logits = model.classify(x)
         out[li[a:a + batch], lj[a:a + batch]] = torch.softmax(logits.float(), 1).cpu().numpy()
     return out
+
+
+def _to_host(p: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(CPU copy of p, an event to wait for): on CUDA an asynchronous copy into pinned memory."""
+    if p.device.type != "cuda":
+        return p, None
+    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+    host.copy_(p, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(p.device))
+    return host, done
+
+
+def _write_group(maps: SectionMapWriter, tiles: list[_Tile], host: torch.Tensor, done: Any) -> None:
+    """Write the probabilities of a group of tiles (writer thread): wait for their copy, split per block."""
+    if done is not None:
+        done.synchronize()
+    p, at = host.numpy(), 0
+    for t in tiles:
+        b = t.block
+        n = (b.i1 - b.i0) * (b.j1 - b.j0)
+        maps.write(b.i0, b.j0, p[at:at + n].reshape(b.i1 - b.i0, b.j1 - b.j0, -1), b.tissue)
+        at += n
 
 
 @dataclass
@@ -492,6 +611,7 @@ class InferenceResult:
     seconds: float
     n_locations: int
     n_tiles: int
+    timings: dict[str, float] = field(default_factory=dict)  # read_s, compute_s, write_s, map_s (_map_blocks)
 
 
 def _prepare_image(image: Any, pixel_size_um: float | None, net_um: float) -> tuple[Any, float, str, Any]:
@@ -581,26 +701,70 @@ def _log_tiles(name: str, done: int, total: int, t0: float) -> None:
 
 
 def _map_blocks(model: DenseModel, img: Any, grid: Grid, blocks: list[_Block], mode: str, dev: torch.device,
-                batch: int, maps: SectionMapWriter, name: str, progress: bool) -> int:
-    """Probabilities of every block into ``maps``; returns the pixels the network ran over (for cost accounting)."""
-    it: Any = blocks
-    if progress:
-        from cytonet.io.logs import progress as progress_bar  # a bar only on a terminal
+                batch: int, maps: SectionMapWriter, name: str, progress: bool, opts: PipelineOptions,
+                block: int) -> tuple[int, dict[str, float]]:
+    """Probabilities of every block into ``maps``: a reader thread reads tiles ahead of the network (this thread).
 
-        it = progress_bar(blocks, desc=f"infer {name} ({mode})", unit="tile")
-    S = grid.S
-    trunk_px = 0  # dense: tiles with halo; naive: windows
-    t0 = time.perf_counter()
-    for done, b in enumerate(it, 1):
-        if mode == "dense":
-            p = _dense_block(model, img, grid, b, dev)
-            trunk_px += _tile_px(grid, b.i1 - b.i0) * _tile_px(grid, b.j1 - b.j0)
-        else:
-            p = _naive_block(model, img, grid, b, dev, batch)
-            trunk_px += int(b.tissue.sum()) * S * S
-        maps.write(b.i0, b.j0, p, b.tissue)
-        _log_tiles(name, done, len(blocks), t0)
-    return trunk_px
+    Writes stay in this thread (a writer thread measured slower on CPU: it competes with the reader and the
+    network for the GIL and memory bandwidth); on CUDA a group's results are written while the GPU computes the
+    next group (asynchronous copy back, waited for at write time). Returns the pixels the network ran over (dense
+    tiles with halo and padding, naive windows) and the seconds spent reading, computing and writing, against
+    the wall time of the whole loop.
+    """
+    pad = _padded_cells(grid, block) if mode == "dense" and opts.tile_batch > 1 else None
+    read = partial(_read_tile, img, grid, mode, pad, dev if dev.type == "cuda" else None)
+    sec = {"compute_s": 0.0, "write_s": 0.0}
+    trunk_px, done, t0 = 0, 0, time.perf_counter()
+    pending: dict[tuple[int, ...], list[_Tile]] = {}  # dense tiles waiting for a full batch of their shape
+    unwritten: list[tuple] = []  # CUDA: the previous group, written once the next one is queued on the GPU
+
+    def timed(key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        c0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            sec[key] += time.perf_counter() - c0
+
+    def tiles_done(n: int) -> None:
+        nonlocal done
+        for _ in range(n):
+            done += 1
+            _log_tiles(name, done, len(blocks), t0)
+
+    def run_dense(group: list[_Tile]) -> None:
+        nonlocal trunk_px
+        host, event = timed("compute_s", lambda: _to_host(_dense_group(model, grid, group, dev,
+                                                                       opts.channels_last)))
+        unwritten.append((maps, group, host, event))
+        while len(unwritten) > (0 if event is None else 1):
+            timed("write_s", _write_group, *unwritten.pop(0))
+        trunk_px += sum(int(t.data.numel()) for t in group)
+        tiles_done(len(group))
+
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with on_device, Prefetcher(blocks, read, opts.prefetch, name=f"read {name}") as tiles, torch.inference_mode():
+        it: Any = tiles
+        if progress:
+            from cytonet.io.logs import progress as progress_bar  # a bar only on a terminal
+
+            it = progress_bar(tiles, desc=f"infer {name} ({mode})", unit="tile", total=len(blocks))
+        for t in it:
+            if mode == "naive":
+                p = timed("compute_s", _naive_tile, model, grid, t, dev, batch, opts.channels_last)
+                timed("write_s", maps.write, t.block.i0, t.block.j0, p, t.block.tissue)
+                trunk_px += int(t.block.tissue.sum()) * grid.S * grid.S
+                tiles_done(1)
+                continue
+            group = pending.setdefault(tuple(t.data.shape), [])
+            group.append(t)
+            if len(group) >= opts.tile_batch:
+                run_dense(pending.pop(tuple(t.data.shape)))
+        for group in list(pending.values()):
+            run_dense(group)
+        while unwritten:
+            timed("write_s", _write_group, *unwritten.pop(0))
+    timings = {"read_s": tiles.busy_s, **sec, "map_s": time.perf_counter() - t0}
+    return trunk_px, {k: round(v, 3) for k, v in timings.items()}
 
 
 def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray,
@@ -609,7 +773,9 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
                   output_um: float = 64.0, uncertain_below: float = 0.5, tile_px: int = 2048,
                   mode: str = "dense", halo_px: int | None = None, device: str | None = None,
                   batch_size: int | None = None, patch_um: float | None = None, window_px: int | None = None,
-                  pyramid_levels: int = 4, progress: bool = True, overlay: bool = True) -> InferenceResult:
+                  pyramid_levels: int = 4, progress: bool = True, overlay: bool = True,
+                  pipeline: PipelineOptions | None = None,
+                  manifest_path: str | os.PathLike | None = None) -> InferenceResult:
     """Map one section: probabilities (OME-Zarr), label + entropy maps, overlay PNG; see the module docstring.
 
     ``classifier``: a checkpoint path, a model bundle folder, or a model (DenseModel, finetune.Classifier,
@@ -618,15 +784,23 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
     ``tile_px``: tile core side in input pixels at the network resolution (sets peak memory).
     ``halo_px``: dense context beyond the windows at a tile's edge; None = the measured receptive-field margin
     (tile-independent results), smaller = faster, with windows at tile edges part-way to naive (module docstring).
+    ``pipeline``: prefetching, tile batches, channels_last (:class:`PipelineOptions`). ``manifest_path``: where
+    the manifest goes instead of ``<out_dir>/<name>_infer.json`` (a batch job stages it; cytonet.mapping.batch).
     Logs a line when the section starts and ends and at about every 10 % of its tiles.
     """
     t_start = time.perf_counter()
     if mode not in ("dense", "naive"):
         raise InferenceError(f"mode must be dense or naive, got {mode!r}")
+    opts = pipeline or PipelineOptions()
+    if opts.prefetch < 0 or opts.tile_batch < 1:
+        raise InferenceError(f"prefetch must be >= 0 and tile_batch >= 1, got {opts.prefetch}, {opts.tile_batch}")
     model, area_rows = _resolve_model(classifier, areas, patch_um, window_px)
     dev = _device(device)
+    if opts.channels_last is None:  # auto: NHWC where it was measured to pay (the CPU; docs/benchmarks.md)
+        opts = replace(opts, channels_last=dev.type == "cpu")
     model.trunk.to(dev).eval()
     model.head.to(dev).eval()
+    model.trunk.to(memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
 
     net_um = model.pixel_size_um
     img, image_um, img_where, sec = _prepare_image(image, pixel_size_um, net_um)
@@ -638,37 +812,62 @@ def infer_section(image: str | os.PathLike | np.ndarray, mask: str | os.PathLike
 
     name = name or (Path(image).name.split(".")[0] if not isinstance(image, np.ndarray) else "section")
     with SectionMapWriter(out_dir, name, (gh, gw), area_rows, uncertain_below, block, "infer") as maps:
+        if manifest_path is not None:
+            maps.manifest = Path(manifest_path)
         blocks = list(_iter_blocks(grid, tissue, block))
         log.info("infer %s (%s, %s): %d tiles, grid %dx%d at %g µm, %d tissue cells", name, mode, dev, len(blocks),
                  gh, gw, output_um, int(tissue.sum()))
-        trunk_px = _map_blocks(model, img, grid, blocks, mode, dev, batch, maps, name, progress)
+        trunk_px, timings = _map_blocks(model, img, grid, blocks, mode, dev, batch, maps, name, progress, opts, block)
         thumb = thumbnail(img if sec is None else sec, net_um, output_um, image_um) if overlay else None
         seconds = time.perf_counter() - t_start
         final = maps.finish(output_um, image_um, pyramid_levels, thumb, {
             "image": img_where, "mode": mode, "classifier": model.source, "network_pixel_size_um": net_um,
             "window_px": S, "net_stride": s, "output_stride_px": T, "rf_margin_px": margin, "tile_px": tile_px,
-            "n_tiles": len(blocks), "trunk_px": trunk_px, "device": str(dev), "seconds": round(seconds, 3)})
-    log.info("infer %s: done, %d tiles in %.1f s -> %s", name, len(blocks), time.perf_counter() - t_start, out_dir)
-    return InferenceResult(Path(out_dir), final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks))
+            "n_tiles": len(blocks), "trunk_px": trunk_px, "device": str(dev), "tile_batch": opts.tile_batch,
+            "prefetch": opts.prefetch, "channels_last": opts.channels_last, "timings": timings,
+            "seconds": round(seconds, 3)})
+    log.info("infer %s: done, %d tiles in %.1f s (read %.1f s, compute %.1f s, write %.1f s) -> %s", name,
+             len(blocks), time.perf_counter() - t_start, timings["read_s"], timings["compute_s"], timings["write_s"],
+             out_dir)
+    return InferenceResult(Path(out_dir), final, (gh, gw), output_um, seconds, int(tissue.sum()), len(blocks),
+                           timings)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def _pixel_size(value: str) -> float | None:
+    """--pixel-size value: µm per pixel, or 'auto' for the image metadata."""
+    if value.lower() == "auto":
+        return None
+    try:
+        um = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pixel size in µm or 'auto': {value!r}") from None
+    if um <= 0:
+        raise argparse.ArgumentTypeError(f"pixel size must be > 0, got {value}")
+    return um
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``cytonet infer``."""
-    parser.add_argument("--image", required=True, help="section image (tiled TIFF, OME-Zarr, PNG)")
-    parser.add_argument("--mask", required=True, help="tissue mask PNG (0/255, same extent as the image)")
+    parser.add_argument("--image", required=True, action="append",
+                        help="section image (tiled TIFF, OME-Zarr, PNG); repeat with --mask (and --name) to map "
+                             "a batch of sections in one job")
+    parser.add_argument("--mask", required=True, action="append",
+                        help="tissue mask PNG (0/255, same extent as the image), one per --image")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--classifier", action="append",
                        help="classifier checkpoint (finetune's classifier.pt); repeat with --out to map the "
-                            "section with several models in one process")
+                            "sections with several models in one process")
     which.add_argument("--model", action="append", metavar="BUNDLE",
                        help="model bundle folder (cytonet export-model) instead of a classifier.pt; its card must "
                             "name the areas of --areas (repeat with --out like --classifier)")
     parser.add_argument("--areas", required=True, help="areas table (area_id, name, color)")
     parser.add_argument("--out", required=True, action="append",
                         help="output folder (one per --classifier or --model)")
-    parser.add_argument("--name", help="output name (default: image file stem)")
-    parser.add_argument("--pixel-size", type=float, help="image pixel size in µm when its metadata has none")
+    parser.add_argument("--name", action="append", help="output name, one per --image (default: image file stem)")
+    parser.add_argument("--pixel-size", type=_pixel_size, action="append",
+                        help="image pixel size in µm when its metadata has none: once for every --image, or once "
+                             "per --image ('auto': from the metadata)")
     parser.add_argument("--patch-um", type=float, help="training patch resolution, if the checkpoint lacks it "
                         "(with --model: the resolution the bundle must have been trained at)")
     parser.add_argument("--output-um", type=float, default=64.0, help="output grid spacing in µm (default 64)")
@@ -678,34 +877,68 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("dense", "naive"), default="dense")
     parser.add_argument("--halo-px", type=int, help="dense: context px beyond the windows at tile edges "
                         "(default: the trunk's measured receptive-field margin, tile-independent results)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--tile-batch", type=int, default=1,
+                        help="dense: tiles per trunk call; > 1 pads tiles to a few fixed shapes (default 1)")
+    parser.add_argument("--prefetch", type=int, default=4,
+                        help="tiles a reader thread reads ahead of the network (0: read, compute, write in line)")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="trunk in NHWC memory format (auto: on the CPU, where it measured faster; not on CUDA)")
+    parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--batch-size", type=int, help="windows per batch in naive mode")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="ranks to spawn here (one per GPU); ignored when srun or torchrun started the ranks")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per rank; ranks spawned with --nproc share "
+                        "them (default: the cores split over the ranks of the node)")
+    parser.add_argument("--batch-manifest", metavar="PATH",
+                        help="stage each section's manifest and gather them into PATH, written last "
+                             "(the workflow's multi-section jobs; cytonet.mapping.batch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``cytonet infer``: the section once per (--classifier, --out) pair."""
-    # Set deliberately: Snakemake exports OMP_NUM_THREADS=1 for rules; torch would silently use one core.
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+def _per_section(values: list | None, n: int, flag: str, allow_one: bool = False) -> list:
+    """Values of a per-section option: one per --image (or one for all with ``allow_one``)."""
+    values = values or []
+    if len(values) == n or (allow_one and len(values) == 1):
+        return values * n if len(values) == 1 and n > 1 else values
+    allowed = f"{n}" + (" or 1" if allow_one else "")
+    raise InferenceError(f"{len(values)} {flag} for {n} --image; give {allowed} (one per --image, in the same order)")
+
+
+def job_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`cytonet.mapping.ranks.InferJob` of the command line; InferenceError on mismatched counts."""
+    from cytonet.mapping.ranks import InferJob, SectionSpec
+
+    n = len(args.image)
+    masks = _per_section(args.mask, n, "--mask")
+    names = _per_section(args.name, n, "--name") if args.name else [Path(i).name.split(".")[0] for i in args.image]
+    sizes = _per_section(args.pixel_size, n, "--pixel-size", allow_one=True) if args.pixel_size else [None] * n
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise InferenceError(f"section name(s) {', '.join(dup)} given twice: each section needs its own --name")
     option, models = ("--classifier", args.classifier) if args.classifier else ("--model", args.model)
     if len(models) != len(args.out):
-        print(f"cytonet infer: error: {len(models)} {option} but {len(args.out)} --out; give one "
-              f"output folder per {option}", file=sys.stderr)
+        raise InferenceError(f"{len(models)} {option} but {len(args.out)} --out; give one output folder per "
+                             f"{option}")
+    if args.nproc < 1:
+        raise InferenceError(f"--nproc must be >= 1, got {args.nproc}")
+    nhwc = {"auto": None, "on": True, "off": False}[args.channels_last]
+    pipeline = PipelineOptions(prefetch=args.prefetch, tile_batch=args.tile_batch, channels_last=nhwc)
+    options = dict(output_um=args.output_um, uncertain_below=args.uncertain_below, tile_px=args.tile_px,
+                   mode=args.mode, halo_px=args.halo_px, batch_size=args.batch_size, patch_um=args.patch_um,
+                   progress=not args.no_progress, pipeline=pipeline)
+    return InferJob(tuple(SectionSpec(i, m, nm, um) for i, m, nm, um in zip(args.image, masks, names, sizes)),
+                    tuple(models), tuple(args.out), args.areas, option == "--model", options, args.device,
+                    args.threads, args.batch_manifest)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cytonet infer``: every section with every (--classifier, --out) pair, sharded over the ranks."""
+    from cytonet.mapping.ranks import run_job
+
+    try:
+        job = job_from_args(args)
+    except InferenceError as exc:
+        print(f"cytonet infer: error: {exc}", file=sys.stderr)
         return 2
-    for classifier, out in zip(models, args.out):
-        try:
-            if option == "--model" and not Path(classifier).is_dir():
-                raise InferenceError(f"--model {classifier}: not a model bundle folder (cytonet export-model); "
-                                     "a classifier.pt is mapped with --classifier")
-            res = infer_section(args.image, args.mask, classifier, args.areas, out, name=args.name,
-                                pixel_size_um=args.pixel_size, output_um=args.output_um,
-                                uncertain_below=args.uncertain_below, tile_px=args.tile_px, mode=args.mode,
-                                halo_px=args.halo_px, device=args.device, batch_size=args.batch_size,
-                                patch_um=args.patch_um, progress=not args.no_progress)
-        except InferenceError as exc:
-            print(f"cytonet infer: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"{res.paths['manifest']}: {res.n_locations} locations, grid {res.grid_shape[0]}x{res.grid_shape[1]} "
-              f"at {res.output_um:g} µm, {res.seconds:.1f} s")
-    return 0
+    verbosity = getattr(args, "log_verbose", 0) - getattr(args, "log_quiet", 0)
+    return run_job(job, args.nproc, verbosity)

@@ -20,6 +20,7 @@ SEEDS = config["evaluate"]["seeds"]
 wildcard_constraints:
     brain="[A-Za-z0-9_-]+",
     section="[A-Za-z0-9_-]+",
+    batch=r"\d{4}",
     model="|".join(MODELS),
     seed=r"\d+",
 
@@ -217,6 +218,12 @@ def model_specs(wildcards, input) -> str:
 # The trained models of infer.models, or with a bundle one model whose maps go where CytoNet's go (maps/cytonet).
 MAP_MODELS = list(PLAN.map_models)
 METRIC_MODELS = MAP_MODELS + (["cytonet_smooth3d"] if PLAN.runs("smooth3d") else [])
+# infer.sections_per_job > 1: one infer job per batch of that many sections of a brain (consecutive in its
+# sections table). A job can declare only outputs named by its wildcards, so a batch job declares its batch
+# manifest, and the local rule infer_section writes each section's <section>_infer.json from it. With 1 the job is
+# the section and declares its manifests itself.
+SECTIONS_PER_JOB = config["infer"]["sections_per_job"]
+INFER_BATCHED = SECTIONS_PER_JOB > 1
 
 
 def map_model_files() -> list[str]:
@@ -226,12 +233,89 @@ def map_model_files() -> list[str]:
     return [f"{R}/finetune/{m}/seed{SEEDS[0]}/classifier.pt" for m in MAP_MODELS]
 
 
-def infer_model_options(wildcards, input, output) -> str:
+def infer_batches(brain: str) -> list[list[str]]:
+    """The sections of ``brain`` in batches of infer.sections_per_job (the last one may be shorter)."""
+    sections = sections_of(brain)
+    return [sections[k : k + SECTIONS_PER_JOB] for k in range(0, len(sections), SECTIONS_PER_JOB)]
+
+
+def infer_batch_file(wildcards) -> str:
+    """The batch manifest of the batch that holds ``wildcards.section``."""
+    section_row(wildcards)  # an unknown section stops here, named
+    k = next(k for k, batch in enumerate(infer_batches(wildcards.brain)) if wildcards.section in batch)
+    return f"{R}/infer_batches/{wildcards.brain}/{k:04d}.json"
+
+
+def infer_sections(wildcards) -> list[str]:
+    """The sections an infer job maps: its section, or its batch."""
+    if not INFER_BATCHED:
+        return [wildcards.section]
+    batches = infer_batches(wildcards.brain)
+    if int(wildcards.batch) >= len(batches):
+        raise ValueError(f"brain '{wildcards.brain}' has {len(batches)} inference batches, not {wildcards.batch}")
+    return batches[int(wildcards.batch)]
+
+
+def infer_rows(wildcards) -> pd.DataFrame:
+    """The sections-table rows of the sections an infer job maps, in order."""
+    if not INFER_BATCHED:
+        return section_row(wildcards).to_frame().T
+    rows = SECTIONS[SECTIONS.brain_id == wildcards.brain].set_index("section_id", drop=False)
+    return rows.loc[infer_sections(wildcards)]
+
+
+def infer_images(wildcards) -> list[str]:
+    return list(infer_rows(wildcards).image)
+
+
+def infer_masks(wildcards) -> list[str]:
+    return [f"{R}/masks/{wildcards.brain}/{s}.png" for s in infer_sections(wildcards)]
+
+
+def infer_section_options(wildcards, input) -> str:
+    """`--image I --mask M --name S` per section, plus `--pixel-size` per section when any needs one."""
+    rows = infer_rows(wildcards)
+    out = option_groups(["--image", "--mask", "--name"], input.images, input.masks, rows.section_id)
+    if rows.pixel_size_um.isna().all():
+        return out
+    sizes = options("--pixel-size", ["auto" if pd.isna(v) else float(v) for v in rows.pixel_size_um])
+    return f"{out} {sizes}"
+
+
+def infer_model_options(wildcards, input) -> str:
     """`--model BUNDLE --out DIR`, or one `--classifier C --out DIR` pair per model (in MAP_MODELS order)."""
-    outs = [os.path.dirname(m) for m in output.manifests]
+    outs = [f"{R}/maps/{m}/{wildcards.brain}" for m in MAP_MODELS]
     if BUNDLE:
         return option_groups(["--model", "--out"], [os.path.dirname(input.models[0])], outs)
     return option_groups(["--classifier", "--out"], input.models, outs)
+
+
+def infer_pipeline_options() -> str:
+    """Tile batches and NHWC (infer.tile_batch, infer.channels_last); prefetching keeps the CLI default."""
+    nhwc = {"auto": "auto", True: "on", False: "off"}[config["infer"]["channels_last"]]
+    return f"--tile-batch {config['infer']['tile_batch']} --channels-last {nhwc}"
+
+
+# What an infer job declares: its section's manifests, or its batch manifest (then infer_section publishes them).
+if INFER_BATCHED:
+    INFER_OUTPUT = {"batch": f"{R}/infer_batches/{{brain}}/{{batch}}.json"}
+    INFER_LOG = f"{R}/logs/infer/{{brain}}/batch{{batch}}.log"
+else:
+    INFER_OUTPUT = {"manifests": [f"{R}/maps/{m}/{{brain}}/{{section}}_infer.json" for m in MAP_MODELS]}
+    INFER_LOG = f"{R}/logs/infer/{{brain}}/{{section}}.log"
+
+
+def batch_manifest_option(wildcards, output) -> str:
+    return option("--batch-manifest", output.batch) if INFER_BATCHED else ""
+
+
+def publish_section_manifests(batch: str, section: str, manifests, log: str) -> None:
+    """infer_section: the section's manifests from its batch manifest (cytonet.mapping.batch; no torch)."""
+    from cytonet.mapping.batch import publish_section
+
+    written = publish_section(batch, section, list(manifests))
+    with open(log, "w") as fh:
+        fh.writelines(f"{path}: from {batch}\n" for path in written)
 
 
 def all_maps() -> list[str]:
