@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -94,6 +95,40 @@ def test_weighted_variant_reduces_to_plain_with_uniform_weights() -> None:
 def test_config_rejects_unknown_key() -> None:
     with pytest.raises(ValueError, match="radius_m"):
         validate_config({"radius_m": 1.0})
+
+
+def _partners(store: Path, positives: str | None, radius_mm: float = 0.6) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Partner of every anchor, 5 draws each: (anchor, partner) index pairs, fallback flags and the stores."""
+    from cytonet.nn.data import PatchStores, SpatialPairDataset, item_generator
+
+    stores = PatchStores([store])
+    kw = {} if positives is None else {"positives": positives}
+    ds = SpatialPairDataset(stores, radius_mm, seed=0, **kw)
+    pairs, fallback = [], []
+    for key in range(5 * len(stores)):
+        anchor = key % len(stores)
+        other, fb = ds.partner(anchor, item_generator(0, key, 1))
+        pairs.append((anchor, other))
+        fallback.append(fb)
+    return np.array(pairs), np.array(fallback), stores
+
+
+def test_default_partners_never_share_the_anchors_section(store: Path) -> None:
+    """SpatialNCE positives: by default a partner lies on another section (no shared pixels, so pixel matching
+    cannot solve the task); the fixture's same-section neighbours at 0.5 mm are within the 0.6 mm radius."""
+    assert validate_config({})["positives"] == "other_section"
+    pairs, fallback, stores = _partners(store, None)
+    section = stores.table["section"].to_numpy()
+    xyz = stores.xyz()
+    assert not fallback.any()
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    assert (section[pairs[:, 0]] != section[pairs[:, 1]]).all()
+    assert (np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1) <= 0.6 + 1e-9).all()
+    # the old 3D ball draws same-section partners from the same neighbourhood (most of them, here)
+    ball, _, _ = _partners(store, "ball")
+    assert (section[ball[:, 0]] == section[ball[:, 1]]).mean() > 0.5
+    with pytest.raises(ValueError, match="positives"):
+        validate_config({"positives": "nearby"})
 
 
 # ---------------------------------------------------------------------------------------------------------- DDP

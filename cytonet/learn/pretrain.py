@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "loss": "hard",            # hard: mask keys < radius_mm | weighted: negative weight 1-exp(-d²/2σ²)
     "sigma_mm": None,          # σ of the weighted variant (None: radius_mm)
     "within_brain": True,      # partners come from the anchor's own brain
+    "positives": "other_section",  # other_section: partners never share the anchor's section (no pixel overlap)
+                                   # | ball: any patch within radius_mm (the anchor's section included)
     "input_px": None,          # network input size (None: the store's patch size)
     "augment_on": "loader",    # loader: augment in DataLoader workers | device: ship uint8, augment on the
                                # training device (for 2048 px patches on GPU, where CPU workers cannot keep up)
@@ -75,6 +77,7 @@ LOSSES = ("hard", "weighted")
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Merge with DEFAULTS; raise ValueError naming any unknown key or bad value."""
     out = with_defaults(DEFAULTS, cfg, "pretrain")
+    from cytonet.nn.data import POSITIVES
     from cytonet.nn.models import ENCODERS
 
     if out["encoder"] not in ENCODERS:
@@ -85,6 +88,8 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"config key 'augment_on': {out['augment_on']!r} is not 'loader' or 'device'")
     if out["loss"] not in LOSSES:
         raise ValueError(f"config key 'loss': {out['loss']!r} is not one of {LOSSES}")
+    if out["positives"] not in POSITIVES:
+        raise ValueError(f"config key 'positives': {out['positives']!r} is not one of {POSITIVES}")
     cdist.use_sync_batchnorm(out["sync_batchnorm"], 1)  # raises for anything but auto/true/false
     for key in ("samples", "epochs", "batch_size", "checkpoint_every", "embedding_dim", "log_every"):
         if int(out[key]) < 1:
@@ -299,7 +304,7 @@ def _build_data(stores: Sequence[str | Path], run: _Run) -> tuple[Any, Any, Any]
     cfg, env = run.cfg, run.env
     data = PatchStores(stores)
     ds = SpatialPairDataset(data, cfg["radius_mm"], seed=cfg["seed"], within_brain=cfg["within_brain"],
-                            out_px=cfg["input_px"], raw=cfg["augment_on"] == "device")
+                            out_px=cfg["input_px"], raw=cfg["augment_on"] == "device", positives=cfg["positives"])
     sampler = AnchorSampler(len(data), run.plan["draws_per_rank"], env.rank, env.world_size, cfg["seed"])
     loader = DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, collate_fn=collate_pairs, drop_last=True,
                         num_workers=cfg["num_workers"], pin_memory=run.dev.type == "cuda",

@@ -191,20 +191,34 @@ def item_generator(seed: int, key: int, salt: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
+#: Which neighbours may be SpatialNCE partners. ``other_section``: only patches of another section, so a pair
+#: never shares pixels (two patches of one section within a 1 mm ball overlap, and matching pixels solves the
+#: task); ``ball``: any other patch within the radius, the anchor's own section included.
+POSITIVES = ("other_section", "ball")
+
+
 class SpatialPairDataset(Dataset):
     """Item (anchor index, draw key) -> two augmented views of an anchor and a partner within radius_mm in 3D.
 
-    The partner is any other patch within the radius (KD-tree over all stores, so it may lie on a neighbouring
-    section); with `within_brain` it must come from the anchor's brain. With no neighbour the anchor itself is
-    used again (a second augmentation); the returned flag counts those fallbacks.
+    The partner is a patch within the radius (KD-tree over all stores) on another section of the anchor's brain
+    (``positives="other_section"``, the default; ``"ball"`` also allows the anchor's own section, ``within_brain``
+    False other brains). With no such neighbour the anchor itself is used again (a second augmentation); the
+    returned flag counts those fallbacks.
     """
 
     def __init__(self, stores: PatchStores, radius_mm: float, seed: int = 0, within_brain: bool = True,
-                 out_px: int | None = None, aug: AugmentConfig | None = None, raw: bool = False) -> None:
+                 out_px: int | None = None, aug: AugmentConfig | None = None, raw: bool = False,
+                 positives: str = "other_section") -> None:
+        if positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
         self.stores, self.radius, self.seed, self.raw = stores, float(radius_mm), seed, raw
         self.xyz = stores.xyz()
         self.tree = cKDTree(self.xyz)
         self.brain = stores.table["store"].to_numpy() if within_brain else None
+        self.section = None
+        if positives == "other_section":  # codes of (store, section): section ids need not be unique across stores
+            keys = stores.table["store"].astype(str) + "/" + stores.table["section"].astype(str)
+            self.section = pd.factorize(keys)[0]
         self.out_px, self.aug = out_px, aug or AugmentConfig()
 
     def __len__(self) -> int:
@@ -213,7 +227,8 @@ class SpatialPairDataset(Dataset):
     def partner(self, anchor: int, gen: torch.Generator) -> tuple[int, bool]:
         """A random neighbour of `anchor` within the radius, or (anchor, True) when there is none."""
         nb = self.tree.query_ball_point(self.xyz[anchor], self.radius)
-        nb = [j for j in nb if j != anchor and (self.brain is None or self.brain[j] == self.brain[anchor])]
+        nb = [j for j in nb if j != anchor and (self.brain is None or self.brain[j] == self.brain[anchor])
+              and (self.section is None or self.section[j] != self.section[anchor])]
         if not nb:
             return anchor, True
         return nb[int(torch.randint(len(nb), (), generator=gen))], False
