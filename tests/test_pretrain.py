@@ -218,6 +218,23 @@ def test_fresh_run_starts_at_step_zero(store: Path, tmp_path: Path) -> None:
     assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [1, 2, 3]
 
 
+def test_changed_settings_train_from_scratch_instead_of_resuming(store: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A rerun with other training settings (what Snakemake does after a config change) must not resume the old
+    run's checkpoints; a rerun that changes only runtime keys (workers, logging) resumes."""
+    base = {"steps": 4, "batch_size": 4, "num_workers": 0, "radius_mm": 0.6, "threads": 1, "checkpoint_every": 2}
+    pretrain([store], tmp_path, base, progress=False)
+    same = pretrain([store], tmp_path, {**base, "log_every": 2}, progress=False)
+    assert same["resumed_from"] == 4  # nothing left to train
+    with caplog.at_level("WARNING", logger="cytonet.learn.pretrain"):
+        res = pretrain([store], tmp_path, {**base, "temperature": 0.2}, progress=False)
+    assert res["resumed_from"] == 0 and res["step"] == 4
+    assert "temperature: 0.1 -> 0.2" in caplog.text and "training from step 0" in caplog.text
+    assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
+    kept = [torch.load(p, weights_only=False)["config"]["temperature"] for p in (tmp_path / "checkpoints").glob("*.pt")]
+    assert kept and set(kept) == {0.2}  # the old run's checkpoints are gone
+
+
 # ------------------------------------------------------------------------------------------------------ learning
 def _cohens_d(model, store: Path, radius: float) -> tuple[float, float, float]:
     from scipy.spatial import cKDTree

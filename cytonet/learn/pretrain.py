@@ -331,10 +331,35 @@ def _build_model(run: _Run) -> None:
                                                                      cfg["min_lr_ratio"]))
 
 
+#: Config keys that do not change what is trained: a checkpoint made with other values of these is resumed.
+RUNTIME_KEYS = frozenset({"num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "threads"})
+
+
+def _stale_checkpoint(ckpt: dict, cfg: dict[str, Any], out: Path) -> bool:
+    """Whether the checkpoint belongs to another training (changed config keys or defaults): if so, remove the
+    run's checkpoints, so that a rerun with new settings trains from scratch instead of resuming the old run."""
+    old = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in RUNTIME_KEYS}
+    new = {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if not changed:
+        return False
+    log.warning("%s: the checkpoints were made with other settings (%s); training from step 0", out,
+                ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed))
+    return True
+
+
 def _resume(run: _Run) -> None:
     """Load the newest checkpoint of the output folder, if any, then seed this rank's RNGs for the steps to come."""
     cfg, env, out = run.cfg, run.env, run.out
     ckpt = load_latest_checkpoint(out)
+    stale = ckpt is not None and _stale_checkpoint(ckpt, cfg, out)
+    if env.distributed:
+        dist.barrier()  # every rank has read its checkpoint before rank 0 may delete stale ones
+    if stale:
+        ckpt = None
+        if env.is_main:
+            for path in list_checkpoints(out):
+                path.unlink(missing_ok=True)
     if ckpt is not None:
         if ckpt["plan"] != run.plan:
             raise ValueError(f"{out}: checkpoint was made with plan {ckpt['plan']}, this run has {run.plan} "
