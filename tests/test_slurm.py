@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 import yaml
 
-from workflow_helpers import REPO, compare_runs, make_workdir, parse_job_stats, reference_run, run_snakemake
+from workflow_helpers import (
+    REPO,
+    TINY_CONFIG,
+    compare_runs,
+    make_workdir,
+    parse_job_stats,
+    reference_run,
+    run_snakemake,
+)
 
 JURECA = REPO / "profiles" / "jureca" / "config.yaml"
 OVERRIDES = REPO / "tests" / "profiles" / "slurm-local" / "overrides.yaml"
@@ -111,6 +119,39 @@ def test_dry_run_partitions_and_runtime(jureca_dry_run):
         assert int(res["runtime"]) >= 60, rule
 
 
+def test_dry_run_every_gpu_rule_starts_one_process_per_gpu(jureca_dry_run):
+    """A job that asks for gpu:N on a node starts N tasks per node, through srun, before the cytonet command."""
+    blocks = job_blocks(jureca_dry_run)
+    gpu_rules = []
+    for rule, found in blocks.items():
+        for block in found:
+            res = resources_of(block)
+            if "gres" not in res:
+                continue
+            gpus = int(re.fullmatch(r"gpu:(\d+)", res["gres"]).group(1))
+            gpu_rules.append(rule)
+            assert res.get("tasks_per_node") == str(gpus), (rule, res)
+            assert res["mpi"].startswith(f"srun --ntasks-per-node={gpus} "), (rule, res)
+            assert re.search(rf"Shell command: srun --ntasks-per-node={gpus} .*cytonet {rule}\b", block), block
+    assert {"pretrain", "finetune", "infer"} <= set(gpu_rules), sorted(set(gpu_rules))
+
+
+def test_dry_run_infer_maps_a_batch_of_sections_per_job(jureca_dry_run):
+    """A brain needs ceil(sections / sections_per_job) inference jobs (4 GPUs x k sections per rank)."""
+    from cytonet.io.config import validate_config
+
+    cluster = validate_config(yaml.safe_load((REPO / "config" / "jureca.yaml").read_text()))
+    per_job = cluster["infer"]["sections_per_job"]
+    assert per_job >= 4 and per_job % 4 == 0
+    infer = job_blocks(jureca_dry_run)["infer"]
+    shell = [re.search(r"Shell command: (.*)$", b, re.M).group(1) for b in infer]
+    images = [len(re.findall(r"--image ", s)) for s in shell]
+    sections = yaml.safe_load((REPO / "config.yaml").read_text())["demo"]
+    n_brains, per_brain = sections["n_brains"], sections["sections_per_brain"]
+    assert len(infer) == n_brains * -(-per_brain // per_job), images
+    assert sum(images) == n_brains * per_brain and max(images) <= per_job
+
+
 def test_runtime_grows_with_attempt(tmp_path):
     """Retries get more time: the profile's runtime expressions are evaluated per attempt."""
     profile = yaml.safe_load(JURECA.read_text())
@@ -152,8 +193,12 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_workflow_through_slurm_equals_local_run(local_slurm, tmp_path, tmp_path_factory):
-    """The tiny workflow through sbatch (jureca profile, CPU test partition) gives the local run's outputs."""
-    work = make_workdir(tmp_path / "work")
+    """The tiny workflow through sbatch (jureca profile, CPU test partition) gives the local run's outputs.
+
+    Inference maps both sections of a brain in one job of 2 srun tasks (one section per rank), finetuning runs 2
+    DDP ranks, so every multi-rank path of the GPU rules runs here on CPU (gloo)."""
+    config = {**TINY_CONFIG, "infer": {**TINY_CONFIG["infer"], "sections_per_job": 2}}
+    work = make_workdir(tmp_path / "work", config)
     profile = derive_profile(tmp_path / "profile", {"configfile": str(work / "config.yaml")})
     proc = run_snakemake(work, profile=profile, timeout=900)
     text = proc.stdout + proc.stderr
@@ -178,6 +223,10 @@ def test_workflow_through_slurm_equals_local_run(local_slurm, tmp_path, tmp_path
     assert pre[0]["NumTasks"] == "2" and pre[0]["NumNodes"] == "1"
     metrics = (work / "results" / "pretrain" / "metrics.csv").read_text().splitlines()
     assert len(metrics) - 1 == TINY_STEPS
+    # Finetuning and inference: 2 ranks per job as well; one inference job per brain (2 sections each).
+    for rule in ("finetune", "infer"):
+        assert rules.get(rule) and all(j["NumTasks"] == "2" for j in rules[rule]), (rule, rules.get(rule))
+    assert len(rules["infer"]) == len(list((work / "resources" / "demo").glob("*/sections.csv")))
 
     ref = reference_run(tmp_path_factory)
     assert compare_runs(ref, work) == []
