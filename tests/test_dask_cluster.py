@@ -154,16 +154,9 @@ def wait_until_ended(name: str, timeout: float = 60) -> dict[str, str]:
 
 def demo_brain(root: Path) -> list[str]:
     """One generated demo brain of 2 sections with masks; the `cytonet patches` arguments without --out."""
-    from cytonet import synth
+    from synth_fixtures import masked_demo_brain
 
-    p = synth.DemoParams(n_brains=1, n_unknown=0, sections_per_brain=2, annotate_every=1, pixel_size_um=16.0,
-                         size_mm=8.0, artifacts=False)
-    synth.write_tables(p, root)
-    synth.generate_brain("demo1", p, root)
-    masks = root / "masks"
-    masks.mkdir()
-    for sid in ("demo1_s000", "demo1_s001"):
-        (masks / f"{sid}.png").write_bytes((root / "demo1" / "truth" / f"{sid}_tissue.png").read_bytes())
+    masks = masked_demo_brain(root)
     params = {"patch_px": 16, "pixel_size_um": 32.0, "count": 150, "count_per": "section", "shard_patches": 32}
     return ["patches", "--brain", "demo1", "--brains-table", str(root / "brains.csv"), "--areas",
             str(root / "areas.csv"), "--masks-dir", str(masks), "--no-progress", "--params", json.dumps(params)]

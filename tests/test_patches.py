@@ -440,17 +440,10 @@ def test_decode_error_during_extraction_is_skipped(tmp_path, monkeypatch):
 
 
 def test_demo_brain_patches_agree_with_ground_truth(tmp_path):
-    synth = pytest.importorskip("cytonet.synth")
     from cytonet.cli import main
+    from synth_fixtures import masked_demo_brain
 
-    p = synth.DemoParams(n_brains=1, n_unknown=0, sections_per_brain=2, annotate_every=1, pixel_size_um=16.0,
-                         size_mm=8.0, artifacts=False)
-    synth.write_tables(p, tmp_path)
-    synth.generate_brain("demo1", p, tmp_path)
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    for sid in ("demo1_s000", "demo1_s001"):
-        (masks / f"{sid}.png").write_bytes((tmp_path / "demo1" / "truth" / f"{sid}_tissue.png").read_bytes())
+    masks = masked_demo_brain(tmp_path)
     out = tmp_path / "patches"
     assert main(["patches", "--brain", "demo1", "--brains-table", str(tmp_path / "brains.csv"), "--areas",
                  str(tmp_path / "areas.csv"), "--masks-dir", str(masks), "--out", str(out), "--no-progress",
