@@ -166,7 +166,8 @@ def test_workflow_batches_map_like_one_job_per_section(tmp_path_factory, tmp_pat
     subprocess.run([str(BIN / "cytonet"), "export-model", str(ref / "results"), "-o", str(bundle), "--areas",
                     str(demo / "areas.csv"), "--brains", str(demo / "brains.csv")],
                    check=True, capture_output=True, env=workflow_env(ref))
-    work = make_workdir(tmp_path / "work", tiny_config(model=str(bundle), infer={"sections_per_job": 2, "nproc": 2}))
+    work = make_workdir(tmp_path / "work", tiny_config(model=str(bundle), infer={"sections_per_job": 2},
+                                                           launch={"infer_nproc": 2}))
     maps = sorted(p.relative_to(ref) for p in (ref / "results" / "maps" / "cytonet").glob("*/*_infer.json"))
     targets = [str(p) for p in maps]
     assert len(targets) == 4

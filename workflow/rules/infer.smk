@@ -22,7 +22,7 @@ rule infer:
         INFER_LOG,
     conda:
         "../../envs/cytonet.yaml"
-    threads: max(config["threads"]["infer"], config["infer"]["nproc"])
+    threads: max(config["threads"]["infer"], config["launch"]["infer_nproc"])
     resources:
         # Empty locally. The jureca profile sets it to the srun line that starts one rank per GPU (a Slurm job with
         # an `mpi` resource runs its command in the batch script, without srun -n1); see pretrain.smk.
@@ -38,7 +38,7 @@ rule infer:
         mode=config["infer"]["mode"],
         halo="" if config["infer"]["halo_px"] is None else option("--halo-px", config["infer"]["halo_px"]),
         pipeline=infer_pipeline_options(),
-        nproc=config["infer"]["nproc"],
+        nproc=config["launch"]["infer_nproc"],
         code=fingerprint_stage("infer"),
     shell:
         "{resources.mpi} cytonet infer {params.sections} {params.models} --areas {input.areas:q}"
