@@ -36,7 +36,7 @@ from cytonet.io.logs import format_duration
 from cytonet.io.params import add_params_arguments, parse_params, with_defaults
 from cytonet.nn import distributed as cdist
 from cytonet.nn.checkpoints import CLASSIFIER_FORMAT, Classifier, atomic_save, load_encoder
-from cytonet.nn.data import DEFAULT_VAL_FRACTION, LabelledPatchDataset, augment, item_generator, split_by_section
+from cytonet.nn.data import DEFAULT_VAL_FRACTION, LabelledPatchDataset, split_by_section
 from cytonet.nn.models import autocast, build_encoder, prepare_model, to_input
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,6 @@ class EpochDraws(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.global_sizes)
-
-
-class KeyedPatches(LabelledPatchDataset):
-    """LabelledPatchDataset whose items may be (row, draw key): augmentation drawn from a generator keyed by the
-    draw, so a sample's augmentation does not depend on which rank or loader worker reads it."""
-
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        k, key = item if isinstance(item, tuple) else (item, None)
-        if not self.augment or key is None:
-            return super().__getitem__(k)
-        patch = self.stores.read(int(self.indices[k]))
-        return augment(patch, item_generator(self.seed, key, 5), self.aug, self.out_px), int(self.labels[k])
 
 
 def read_areas(path: str | Path) -> tuple[list[int], list[str]]:
@@ -315,7 +303,7 @@ def _split(data: Any, known_brains: set[str] | None, areas: tuple[list[int], lis
     return _Split(rows, labels, train_m, val_m, area_ids, area_names)
 
 
-def _datasets(data: Any, split: _Split, job: _Job) -> tuple[KeyedPatches, LabelledPatchDataset, EpochDraws]:
+def _datasets(data: Any, split: _Split, job: _Job) -> tuple[LabelledPatchDataset, LabelledPatchDataset, EpochDraws]:
     """Train and validation datasets and the epochs' draws (samples_per_epoch, class-balanced by default)."""
     cfg, env = job.cfg, job.env
     gidx, train_m, val_m = split.gidx, split.train_m, split.val_m
@@ -323,7 +311,7 @@ def _datasets(data: Any, split: _Split, job: _Job) -> tuple[KeyedPatches, Labell
     n_per_epoch = int(cfg["samples_per_epoch"] or len(tr_labels))
     draws = EpochDraws(tr_labels, n_per_epoch, cfg["batch_size"], cfg["balanced"], cfg["seed"], env.rank,
                        env.world_size)
-    train_ds = KeyedPatches(data, gidx[train_m], tr_labels, cfg["augment"], cfg["seed"], cfg["input_px"])
+    train_ds = LabelledPatchDataset(data, gidx[train_m], tr_labels, cfg["augment"], cfg["seed"], cfg["input_px"])
     val_ds = LabelledPatchDataset(data, gidx[val_m], split.labels[val_m], False, cfg["seed"], cfg["input_px"])
     return train_ds, val_ds, draws
 

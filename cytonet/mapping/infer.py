@@ -589,7 +589,7 @@ def _to_host(p: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def _write_group(maps: SectionMapWriter, tiles: list[_Tile], host: torch.Tensor, done: Any) -> None:
-    """Write the probabilities of a group of tiles (writer thread): wait for their copy, split per block."""
+    """Write the probabilities of a group of tiles: wait for their copy to the host, split them per block."""
     if done is not None:
         done.synchronize()
     p, at = host.numpy(), 0

@@ -63,7 +63,7 @@ def rank_device(requested: str | None, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK (modulo the visible GPUs) when CUDA is there and wanted, else the CPU or the given device."""
     if requested in (None, "auto", "cuda"):
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return cdist.local_gpu(local_rank)
         if requested == "cuda":
             raise InferenceError("--device cuda, but torch sees no CUDA device")
         return torch.device("cpu")

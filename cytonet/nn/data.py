@@ -291,7 +291,12 @@ def collate_pairs(items: list[dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------------- finetuning
 class LabelledPatchDataset(Dataset):
-    """Rows (global index, class index) of a PatchStores -> (patch tensor, class index)."""
+    """Rows (global index, class index) of a PatchStores -> (patch tensor, class index).
+
+    An item is a row position, or (row position, draw key): then augmentation comes from a generator keyed by the
+    draw, so a sample's augmentation does not depend on which rank or loader worker reads it (finetuning's
+    EpochDraws yields such items).
+    """
 
     def __init__(self, stores: PatchStores, indices: np.ndarray, labels: np.ndarray, augment_: bool = False,
                  seed: int = 0, out_px: int | None = None, aug: AugmentConfig | None = None) -> None:
@@ -302,9 +307,12 @@ class LabelledPatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        k, key = item if isinstance(item, tuple) else (item, None)
         patch = self.stores.read(int(self.indices[k]))
-        if self.augment:
+        if self.augment and key is not None:
+            x = augment(patch, item_generator(self.seed, key, 5), self.aug, self.out_px)
+        elif self.augment:
             # Fresh randomness per call (epochs differ); torch's per-worker seeding makes it reproducible.
             x = augment(patch, torch.default_generator, self.aug, self.out_px)
         else:

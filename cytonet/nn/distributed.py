@@ -91,6 +91,12 @@ def detect_env(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def local_gpu(local_rank: int) -> torch.device:
+    """GPU LOCAL_RANK (modulo the visible GPUs), made this process's current CUDA device."""
+    torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def init_distributed(device: str = "auto", env: DistEnv | None = None,
                      timeout_s: float = 600.0) -> tuple[DistEnv, torch.device]:
     """Join the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
@@ -98,11 +104,7 @@ def init_distributed(device: str = "auto", env: DistEnv | None = None,
 
     env = env or detect_env()
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+    dev = local_gpu(env.local_rank) if use_cuda else torch.device("cpu")
     if env.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
