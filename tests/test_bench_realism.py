@@ -63,11 +63,12 @@ def test_layer_thicknesses_match_local_thickness_and_phantom(columns: dict[str, 
         # oblique cuts can only thicken the cortex in a section
         ratio = np.median(local[sel]) / model.area_thickness[k - 1]
         assert 0.85 < ratio < 1.6, (am.name, ratio)
-        # the renderer's depth field and the section's distance-transform depth differ a little in curved cortex
+        # each column's layer shares vary (BigBrain's spread) and follow curvature (Bok), and the renderer's depth
+        # field and the section's distance-transform depth differ a little in curved cortex: medians stay close
         frac = np.median(thick[sel] / local[sel, None], axis=0)
-        assert np.abs(frac - am.fractions).max() < 0.08, (am.name, frac.round(3), am.fractions.round(3))
+        assert np.abs(frac - am.fractions).max() < 0.12, (am.name, frac.round(3), am.fractions.round(3))
         errors.append(np.abs(frac - am.fractions).mean())
-    assert len(errors) >= 4 and np.mean(errors) < 0.02, errors
+    assert len(errors) >= 4 and np.mean(errors) < 0.03, errors
 
 
 def test_bigbrain_subset_separates_striate_from_motor(shared_data: Path) -> None:

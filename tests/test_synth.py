@@ -14,6 +14,7 @@ from PIL import Image
 
 from cytonet.synth import DemoConfigError, DemoParams, generate_brain, layout, write_tables
 from cytonet.synth import analysis as an
+from cytonet.synth.demo import brain_model
 from cytonet.synth.reference import AREAS, area_models, derive_reference, load_packaged, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,22 +41,123 @@ def test_packaged_reference_equals_shared() -> None:
         np.testing.assert_allclose(derived[col].to_numpy(float), packaged[col].to_numpy(float), rtol=1e-6)
 
 
-def test_layer_darkness_follows_reference(sections) -> None:
+def test_packaged_profile_statistics_equal_shared() -> None:
+    from cytonet.synth.reference import derive_profiles, load_packaged_profiles
+
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("../shared/data absent: cannot compare the packaged profile statistics")
+    derived, packaged = derive_profiles(shared), load_packaged_profiles()
+    assert (derived[["area", "quantity", "index"]].to_numpy() == packaged[["area", "quantity", "index"]].to_numpy()).all()
+    np.testing.assert_allclose(derived.value.to_numpy(), packaged.value.to_numpy(), atol=1e-6)
+
+
+def test_profile_components_reproduce_bigbrain_covariance() -> None:
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("../shared/data absent: no BigBrain profiles")
+    with np.load(shared / "bigbrain" / "bigbrain_profiles18_layers_areas.npz", allow_pickle=True) as d:
+        names, prof, economo, thick = list(d["economo_names"]), d["profiles"], d["economo"], d["layer_thickness_mm"]
+    for m in area_models():
+        darks = []
+        for h in (0, 1):
+            keep = (economo[h] == names.index(m.name)) & (prof[h] < 65535).all(1) & np.isfinite(thick[h]).all(1)
+            darks.append(1 - prof[h][keep] / 65535.0)
+        # pooled within-hemisphere covariance: the covariance the phantom's columns are drawn from
+        cov = sum(np.cov(x.T) * (len(x) - 1) for x in darks) / (sum(map(len, darks)) - 2)
+        rel = np.linalg.norm(m.pcs.T @ m.pcs - cov) / np.linalg.norm(cov)
+        print(f"{m.name}: {sum(map(len, darks))} vertices, covariance reproduced to {rel:.1e}")
+        assert rel < 1e-3, m.name
+        np.testing.assert_allclose(m.profile, np.vstack(darks).mean(0), atol=1e-5)
+
+
+def test_bok_equivolumetric_layers_and_gradual_borders() -> None:
+    from cytonet.synth.geometry import BORDER_MM, equivolumetric
+
+    f = np.linspace(0, 1, 11, dtype=np.float32)
+    crown, flat, fundus = (equivolumetric(f, np.full_like(f, k)) for k in (1.0, 0.0, -1.0))
+    np.testing.assert_allclose(flat, f, atol=1e-6)
+    # crowns: the superficial half of the volume lies in less than half the depth, so deep layers are thicker
+    assert (crown[1:-1] > f[1:-1]).all() and (fundus[1:-1] < f[1:-1]).all()
+    np.testing.assert_allclose([crown[-1], fundus[-1]], [1, 1], atol=1e-6)
+    brain = brain_model(DemoParams(), 0)
+    starts = brain.borders(0.0)
+    L = brain.sheet_length(0.0)
+    b = starts[1]  # the border FB | FA
+    pos = (b + np.array([-1.0, -0.5, -0.01, 0.01, 0.5, 1.0]) * BORDER_MM / L) % 1.0
+    area, nb, w = brain.area_blend(pos, 0.0)
+    assert list(area) == [0, 0, 0, 1, 1, 1] and list(nb) == [1, 1, 1, 0, 0, 0]
+    np.testing.assert_allclose(w[[1, 4]], 0.1, atol=1e-3)  # 0.9 -> 0.1 over the transition zone
+    assert abs(w[2] - 0.5) < 0.02 and w[0] < 0.02
+
+
+def test_folding_is_irregular() -> None:
+    for i in range(4):
+        brain = brain_model(DemoParams(), i)
+        gaps = np.diff(np.sort(brain.theta0), append=brain.theta0.min() + 2 * np.pi)
+        cv_gap, cv_depth = gaps.std() / gaps.mean(), brain.depth0.std() / brain.depth0.mean()
+        print(f"brain {i}: {len(gaps)} sulci, spacing CV {cv_gap:.2f}, depth CV {cv_depth:.2f}")
+        assert cv_gap > 0.2 and cv_depth > 0.3
+        kappa = brain.sheet_curvature(0.0)
+        assert kappa.max() > 0.9 and kappa.min() < -0.9  # crowns and fundi
+
+
+def test_depth_profiles_follow_bigbrain(sections) -> None:
     allsec = sum(sections.values(), [])
     for m in area_models():
-        lm = an.layer_means(allsec, AREA_ID[m.name])
-        ok = np.isfinite(lm) & (m.fractions > 0.02)
-        r = np.corrcoef(lm[ok], m.od_per_layer[ok])[0, 1]
-        print(f"{m.name}: per-layer darkness vs reference r = {r:.3f}")
-        assert r > 0.8, m.name
-    oc = an.layer_means(allsec, AREA_ID["OC"])
-    assert oc[3] > oc[2] and oc[3] > oc[4], "granular layer IV peak missing in OC"
+        prof = an.depth_profile(allsec, AREA_ID[m.name], 18, od=True)
+        r = np.corrcoef(prof, m.profile)[0, 1]
+        print(f"{m.name}: rendered depth profile vs BigBrain mean profile r = {r:.3f}")
+        assert r > 0.9, m.name
     fa = an.layer_means(allsec, AREA_ID["FA"])
     assert np.isnan(fa[3]), "FA must have no layer IV"
-    # FA: no darkness peak between layers III and V (agranular)
-    prof = an.depth_profile(allsec, AREA_ID["FA"], 18, od=True)
-    mid = prof[6:12]
-    assert not (mid.max() > mid[0] + 0.03 and mid.max() > mid[-1] + 0.03 and 0 < mid.argmax() < len(mid) - 1)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One whole section of the small demo: the render and the renderer's ground-truth fields."""
+    from cytonet.synth.demo import section_specs_one
+
+    r = section_specs_one(DemoParams.from_cfg(SMALL_DEMO), "demo1", 1).renderer
+    h, w = r.shape
+    rows, cols = np.broadcast_arrays(np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None])
+    return r.render_full(), r.labels(rows, cols, (0, 0, h, w))
+
+
+def test_stria_of_gennari_and_betz_cells_are_drawn(rendered) -> None:
+    res, lab = rendered
+    dark = 1 - res["image"] / 255.0
+    oc = next(m for m in area_models() if m.name == "OC")
+    c = np.concatenate([[0], np.cumsum(oc.fractions)])
+    iv = oc.fractions[3]
+    bands = [c[3] + iv * np.array(x) for x in ((0.05, 0.2), (0.3, 0.5), (0.65, 0.95))]  # IVa, IVb, IVc
+    in_oc = (res["area"] == AREA_ID["OC"]) & res["tissue"]
+    iva, ivb, ivc = (dark[in_oc & (lab["layer_frac"] >= lo) & (lab["layer_frac"] < hi)].mean() for lo, hi in bands)
+    print(f"OC darkness IVa {iva:.3f}, IVb {ivb:.3f}, IVc {ivc:.3f}")
+    assert ivb < iva and ivb < ivc, "the cell-poor stria of Gennari (IVb) must be lighter than IVa and IVc"
+    # giant Betz pyramids: large dark blobs (darker than their surround: a top-hat) in FA's layer V only
+    from scipy import ndimage
+
+    blobs = ndimage.gaussian_filter(dark, 1.0) - ndimage.grey_opening(dark, size=(9, 9)) > 0.25
+    share = {a: blobs[(res["area"] == AREA_ID[a]) & (res["layer"] == 5)].mean() for a in ("FA", "PB", "PC", "TE")}
+    print("share of blob pixels in layer V:", {a: round(float(v), 5) for a, v in share.items()})
+    assert share["FA"] > 5 * max(share[a] for a in ("PB", "PC", "TE"))
+
+
+def test_vessels_and_white_matter_texture(rendered) -> None:
+    res, lab = rendered
+    from cytonet.synth.demo import section_specs_one
+
+    r = section_specs_one(DemoParams.from_cfg(SMALL_DEMO), "demo1", 1).renderer
+    lumina = [(x, y, rad) for x, y, rad in r.vessels.lumina if rad > 2]
+    assert len(lumina) > 20
+    img = res["image"].astype(float)
+    inside = [img[int(y), int(x)] for x, y, _ in lumina if res["cortex"][int(y), int(x)]]
+    cortex_median = np.median(img[res["cortex"]])
+    print(f"{len(inside)} lumina in the cortex: median grey {np.median(inside):.0f} vs cortex {cortex_median:.0f}")
+    assert np.median(inside) > cortex_median + 20, "vessel lumina must be pale"
+    wm = img[res["layer"] == 7]
+    assert wm.std() > 3 and np.median(wm) > cortex_median, "white matter: paler than cortex, with texture"
 
 
 def test_thickness_fractions_match_von_economo(sections) -> None:
@@ -85,10 +187,10 @@ def test_oc_fa_difference_matches_bigbrain(sections) -> None:
     syn = an.depth_profile(allsec, AREA_ID["OC"], 18) - an.depth_profile(allsec, AREA_ID["FA"], 18)
     r = np.corrcoef(syn, bb_diff)[0, 1]
     print(f"OC-FA vs BigBrain BA17-BA4 profile difference: r = {r:.3f}")
-    assert r > 0.5
+    assert r >= 0.7
 
 
-def test_no_brightness_shortcut_but_lamination_helps(sections, small_demo: Path) -> None:
+def test_no_brightness_shortcut_and_lamination_carries_signal(sections, small_demo: Path) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.pipeline import make_pipeline
@@ -111,8 +213,8 @@ def test_no_brightness_shortcut_but_lamination_helps(sections, small_demo: Path)
           f"laminar profile {scores['laminar_profile']:.3f}")
     (small_demo / "classifier_scores.json").write_text(json.dumps(scores, indent=1))
     assert scores["global_intensity"] <= 0.4
-    assert scores["laminar_profile"] >= scores["global_intensity"] + 0.15
-    assert scores["laminar_profile"] < 0.95
+    # calibrated to real cortex, where 6-area profile classification is hard (BigBrain, L -> R: about 0.4)
+    assert 0.25 <= scores["laminar_profile"] < 0.8
 
 
 def test_formats_and_tables(small_demo: Path) -> None:

@@ -16,7 +16,7 @@ from cytonet.io import logs
 from .geometry import BrainModel, SectionGeometry
 from .params import DemoParams
 from .reference import area_models
-from .render import Artifacts, SectionRenderer, Style
+from .render import LUMINA_PER_MM2, Artifacts, SectionRenderer, Style, Vessels
 from .tiff import write_pyramid
 
 
@@ -79,20 +79,42 @@ def make_section(p: DemoParams, brain: BrainModel, brain_index: int, sec_index: 
     if p.artifacts if artifacts is None else artifacts:
         art = _draw_artifacts(srng, geom, affine, shape, p.pixel_size_um)
     key = int(np.random.SeedSequence([p.seed, brain_index, sec_index, 4]).generate_state(1, np.uint64)[0])
-    r = SectionRenderer(geom, style, art, affine, p.pixel_size_um, shape, key)
+    vessels = _draw_vessels(np.random.default_rng([p.seed, brain_index, sec_index, 6]), geom, affine, shape,
+                            p.pixel_size_um)
+    r = SectionRenderer(geom, style, art, affine, p.pixel_size_um, shape, key, vessels)
     return SectionSpec("", z_um, transform, r)
+
+
+def _tissue_points(geom: SectionGeometry, affine: np.ndarray, shape: tuple[int, int], lo_mm: float, hi_mm: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel (cols, rows) of the coarse-grid points at depth ``lo_mm..hi_mm`` below the pia inside the image."""
+    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+    iy, ix = np.nonzero((geom.depth > lo_mm) & (geom.depth < hi_mm))
+    X, Y = geom.x0 + ix * geom.step_mm, geom.x0 + iy * geom.step_mm
+    cols = inv[0, 0] * X + inv[0, 1] * Y + inv[0, 2]
+    rows = inv[1, 0] * X + inv[1, 1] * Y + inv[1, 2]
+    ok = (cols > 0) & (cols < shape[1]) & (rows > 0) & (rows < shape[0])
+    return cols[ok], rows[ok]
+
+
+def _draw_vessels(rng: np.random.Generator, geom: SectionGeometry, affine: np.ndarray, shape: tuple[int, int],
+                  pixel_size_um: float) -> Vessels:
+    """Radial vessels along the sheet and round lumina (radius 8-60 µm, log-uniform) anywhere in the tissue."""
+    vessels = Vessels.draw(rng, geom.brain.sheet_length(geom.z_mm))
+    cols, rows = _tissue_points(geom, affine, shape, 0.05, np.inf)
+    n = rng.poisson(LUMINA_PER_MM2 * len(cols) * geom.step_mm ** 2) if len(cols) else 0
+    pick = rng.integers(0, max(len(cols), 1), n)
+    radius = np.exp(rng.uniform(np.log(8.0), np.log(60.0), n)) / pixel_size_um
+    jitter = rng.uniform(-0.5, 0.5, (2, n)) * geom.step_mm * 1000 / pixel_size_um
+    vessels.lumina = [(float(cols[i] + jx), float(rows[i] + jy), float(r))
+                      for i, jx, jy, r in zip(pick, jitter[0], jitter[1], radius)]
+    return vessels
 
 
 def _draw_artifacts(rng: np.random.Generator, geom: SectionGeometry, affine: np.ndarray, shape: tuple[int, int],
                     pixel_size_um: float) -> Artifacts:
     """Tears and folds at the tissue edge, bubbles and dust anywhere, scaled to the section's area."""
-    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
-    iy, ix = np.nonzero((geom.depth > 0.05) & (geom.depth < 1.5))
-    X, Y = geom.x0 + ix * geom.step_mm, geom.x0 + iy * geom.step_mm
-    cols = inv[0, 0] * X + inv[0, 1] * Y + inv[0, 2]
-    rows = inv[1, 0] * X + inv[1, 1] * Y + inv[1, 2]
-    ok = (cols > 0) & (cols < shape[1]) & (rows > 0) & (rows < shape[0])
-    cols, rows = cols[ok], rows[ok]
+    cols, rows = _tissue_points(geom, affine, shape, 0.05, 1.5)
     upx = 1000.0 / pixel_size_um  # px per mm
     art = Artifacts()
     area_mm2 = shape[0] * shape[1] / upx**2

@@ -19,10 +19,43 @@ from scipy import ndimage as ndi
 from .reference import AreaModel
 
 TWO_PI = 2 * np.pi
+FIELD_MM = (2.0, 15.0)  # wavelength range (mm along the sheet) of the columns' slow random variation
+FAST_FIELD_MM = (0.8, 2.0)  # ... of the minor profile components (BigBrain's vertex-to-vertex spread)
+SLOW_PCS = 0  # profile components that vary slowly
+#: Share of BigBrain's between-vertex profile variance that the phantom draws as tissue variation; the rest is the
+#: measurement noise the rendering adds itself (cells, stain, scanner). Measured by benchmarks/phantom_noise.py.
+TISSUE_VARIANCE_SHARE = 0.79
+FIELD_WAVES = 10  # waves summed per random field
+COLUMN_TABLE = 4096  # steps of the sheet ring on which the column fields are tabulated
+COLUMN_SMOOTH_MM = 0.15  # Gaussian sigma of the smoothing of the column fields within the tissue
+COLUMN_GRID = 4  # the column fields' grid is this many geometry steps
+COLUMN_SAMPLE_UM = 32.0  # the column fields are sampled at this spacing on the image and repeated in between
+BOK_THICKNESS = 0.12  # cortex thicker at gyral crowns, thinner in fundi (relative, at curvature +-1)
+BOK_AREA_RATIO = 0.5  # white / pial surface-area ratio is 1 -+ this at crowns / fundi (Bok's equivolumetry)
+BORDER_MM = 0.75  # width of an area border's transition zone (neighbour weight 0.9 -> 0.1)
 
 
 def _wrap(a: np.ndarray) -> np.ndarray:
     return (a + np.pi) % TWO_PI - np.pi
+
+
+def equivolumetric(frac: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """Volume fraction of the cortex above depth fraction ``frac`` at curvature class ``kappa`` (Bok 1929).
+
+    The area of a surface parallel to the pia changes linearly with depth, from 1 at the pia to the white / pial
+    ratio ``rho`` (< 1 under a gyral crown, > 1 in a fundus); layers keep their volume fractions, so at crowns the
+    deep layers are thicker and in fundi the superficial ones. Beyond the cortex the depth fraction is kept.
+    """
+    rho = 1.0 - BOK_AREA_RATIO * kappa
+    f = np.minimum(frac, 1.0)
+    vol = (f + 0.5 * (rho - 1.0) * f * f) / (0.5 * (1.0 + rho))
+    return np.where(frac < 1.0, vol, frac).astype(np.float32)
+
+
+def _ring_bump(s: np.ndarray, center: float, width: float, length: float) -> np.ndarray:
+    """Gaussian bump of ``width`` mm at ``center`` on a ring of ``length`` mm."""
+    d = (s - center + length / 2) % length - length / 2
+    return np.exp(-((d / width) ** 2))
 
 
 @dataclass
@@ -42,17 +75,21 @@ class BrainModel:
         self.R0 = 0.40 * self.size_mm * (1 + 0.04 * v * rng.uniform(-1, 1))
         self.ecc = 0.08 + 0.05 * v * rng.uniform(-1, 1)
         self.ecc_angle = rng.uniform(0, np.pi)
-        self.harm = [(k, 0.025 * rng.uniform(0.3, 1.0), rng.uniform(0, TWO_PI), rng.uniform(0.2, 0.8))
-                     for k in (3, 4, 5, 7)]
-        n_sulci = max(4, int(round(TWO_PI * self.R0 / 8.0)))
-        base = np.sort((np.arange(n_sulci) + 0.5 * v * rng.uniform(-0.35, 0.35, n_sulci)) / n_sulci) * TWO_PI
+        self.harm = [(k, 0.05 / k ** 0.6 * rng.uniform(0.3, 1.0), rng.uniform(0, TWO_PI), rng.uniform(0.2, 0.8))
+                     for k in (2, 3, 4, 5, 6, 7, 9, 11)]
+        # Irregular folding: sulci at gamma-distributed spacings, deep and shallow, bent and tilted.
+        n_sulci = max(5, int(rng.poisson(TWO_PI * self.R0 / 8.5)))
+        gaps = rng.gamma(4.0, 1.0, n_sulci) + 1.0
+        base = np.cumsum(gaps) / gaps.sum() * TWO_PI
         self.theta0 = (base + rng.uniform(0, TWO_PI)) % TWO_PI
         self.central = int(rng.integers(n_sulci))
-        depth = self.R0 * rng.uniform(0.30, 0.46, n_sulci)
+        depth = self.R0 * np.where(rng.random(n_sulci) < 0.3, rng.uniform(0.06, 0.14, n_sulci),
+                                   rng.uniform(0.18, 0.50, n_sulci))
         depth[self.central] = self.R0 * 0.56 * (1 + 0.06 * v * rng.uniform(-1, 1))
         self.depth0 = depth
-        self.curv = v * rng.uniform(-0.12, 0.12, n_sulci)  # rad of bend at the fundus
-        self.gap = rng.uniform(0.22, 0.45, n_sulci)  # mm between banks at the lip
+        self.curv = v * rng.uniform(-0.35, 0.35, n_sulci)  # rad of bend at the fundus
+        self.tilt = v * rng.uniform(-0.2, 0.2, n_sulci)  # rad of lean of the sulcal axis
+        self.gap = rng.uniform(0.18, 0.5, n_sulci)  # mm between banks at the lip
         self.drift_amp = 0.03 + 0.03 * rng.random(n_sulci)  # rad
         self.drift_len = rng.uniform(4, 10, n_sulci)  # mm along z
         self.drift_phase = rng.uniform(0, TWO_PI, n_sulci)
@@ -66,11 +103,59 @@ class BrainModel:
         self.thick_scale = 1 + 0.08 * v * rng.uniform(-1, 1)
         self.thick_wave = (0.10 * rng.uniform(0.5, 1.0), int(rng.integers(3, 7)), rng.uniform(0, TWO_PI))
         self.ventricle = (rng.uniform(-0.1, 0.1) * self.R0, rng.uniform(-0.1, 0.1) * self.R0,
-                          0.13 * self.R0 * rng.uniform(0.8, 1.2), 0.05 * self.R0 * rng.uniform(0.8, 1.3),
+                          0.13 * self.R0 * rng.uniform(0.8, 1.3), 0.05 * self.R0 * rng.uniform(0.8, 1.3),
                           rng.uniform(0, np.pi))
         # thickness of each area: cortex_thickness * sqrt(vonEconomo / mean)
         t = np.array([a.thickness_mm for a in self.areas])
         self.area_thickness = self.thickness_mm * np.sqrt(t / t.mean()) * self.thick_scale
+        # This brain's offset of each area's mean profile, at BigBrain's between-hemisphere spread (smooth in depth).
+        depth01 = (np.arange(len(self.areas[0].profile)) + 0.5) / len(self.areas[0].profile)
+        z = rng.normal(0, 1, (n_a, 2))
+        shape = np.stack([np.ones_like(depth01), np.sqrt(3) * (2 * depth01 - 1)])
+        self.profile_offset = v * np.stack([a.brain_sd for a in self.areas]) * (z @ shape) / np.sqrt(2)
+        # Smooth random fields along the sheet: the columns' profile components and layer-fraction deviations.
+        self.sheet_length0 = TWO_PI * self.R0 + 2 * self.depth0.sum()
+        n_pcs = self.areas[0].pcs.shape[0]
+        n_fields = n_pcs + 6
+        lo, hi = np.full(n_fields, FIELD_MM[0]), np.full(n_fields, FIELD_MM[1])
+        lo[SLOW_PCS:n_pcs], hi[SLOW_PCS:n_pcs] = FAST_FIELD_MM
+        lam = np.exp(rng.uniform(np.log(lo)[:, None], np.log(hi)[:, None], (n_fields, FIELD_WAVES)))
+        self.field_n = np.maximum(1, np.rint(self.sheet_length0 / lam))
+        self.field_kz = TWO_PI / lam * rng.uniform(-1, 1, lam.shape)
+        self.field_phase = rng.uniform(0, TWO_PI, lam.shape)
+        # each wave's amplitude undoes its damping by the smoothing of the column fields (COLUMN_SMOOTH_MM)
+        self.field_gain = np.exp(2 * (np.pi * COLUMN_SMOOTH_MM / lam) ** 2)
+
+    def sheet_fields(self, z_mm: float, n: int = 4096) -> np.ndarray:
+        """Unit-variance random fields [n_fields, n] on ``n`` equal steps of the sheet ring at ``z_mm``.
+
+        Rows 0..K-1 weight the areas' profile components, rows K..K+5 perturb the six layer fractions; each is a
+        sum of ``FIELD_WAVES`` waves along the sheet that drift with ``z``, with wavelengths in ``FIELD_MM`` (the
+        leading ``SLOW_PCS`` components and the layer fractions) or ``FAST_FIELD_MM`` (the rest of the components).
+        """
+        s = np.arange(n) / n
+        ph = TWO_PI * self.field_n[..., None] * s + (self.field_kz * z_mm + self.field_phase)[..., None]
+        return (np.sqrt(2.0 / FIELD_WAVES) * (self.field_gain[..., None] * np.cos(ph)).sum(1)).astype(np.float32)
+
+    def sheet_curvature(self, z_mm: float, n: int = 4096) -> np.ndarray:
+        """Curvature class of the pial surface on ``n`` steps of the sheet ring: +1 gyral crown, -1 fundus, 0 wall.
+
+        Read off the folding model (crowns are the middles of the outer segments between sulci, fundi the sulcal
+        bottoms, shallow dimples count in proportion to their depth); it drives Bok's equivolumetric layers.
+        """
+        theta, depth = self.sulci(z_mm)
+        order = np.argsort(theta)
+        L = self.sheet_length(z_mm)
+        s = np.arange(n) / n * L
+        starts = theta[order] * self.R0 + np.concatenate([[0.0], np.cumsum(2 * depth[order])[:-1]])
+        ends = starts + 2 * depth[order]
+        kappa = np.zeros(n)
+        for s0, d in zip(starts, depth[order]):
+            kappa -= min(1.0, d / 2.0) * _ring_bump(s, s0 + d, 0.8, L)
+        for e, nxt in zip(ends, np.roll(starts, -1) + np.r_[np.zeros(len(starts) - 1), L]):
+            seg = nxt - e
+            kappa += _ring_bump(s, e + seg / 2, 0.3 * seg + 0.5, L)
+        return np.clip(kappa, -1, 1).astype(np.float32)
 
     # --- folds at a given z ---
     def sulci(self, z_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -114,10 +199,26 @@ class BrainModel:
 
     def area_index(self, s_frac: np.ndarray, z_mm: float) -> np.ndarray:
         """Area index (0..n-1) at sheet positions ``s_frac`` in [0, 1)."""
+        return self.area_blend(s_frac, z_mm)[0]
+
+    def area_blend(self, s_frac: np.ndarray, z_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(area, nearest neighbouring area, the neighbour's weight) at sheet positions ``s_frac``.
+
+        Lamination changes gradually across a border: the neighbour's weight falls logistically from 0.5 at the
+        border to 0.1 at ``BORDER_MM / 2`` inside the area; the label is the area of higher weight.
+        """
         starts = self.borders(z_mm)
         order = np.argsort(starts)
-        idx = np.searchsorted(starts[order], s_frac, side="right") - 1
-        return order[idx % len(starts)]
+        st = starts[order]
+        n = len(st)
+        idx = (np.searchsorted(st, s_frac, side="right") - 1) % n
+        d_prev = (s_frac - st[idx]) % 1.0
+        d_next = (st[(idx + 1) % n] - s_frac) % 1.0
+        prev_closer = d_prev < d_next
+        nb = np.where(prev_closer, order[(idx - 1) % n], order[(idx + 1) % n])
+        d_mm = np.minimum(d_prev, d_next) * self.sheet_length(z_mm)
+        w = 1.0 / (1.0 + np.exp(np.minimum(d_mm * (2 * np.log(9.0) / BORDER_MM), 60.0)))
+        return order[idx], nb, w.astype(np.float32)
 
 
 @dataclass
@@ -131,6 +232,9 @@ class SectionGeometry:
     depth: np.ndarray  # signed depth below pia, mm (negative outside)
     s_cos: np.ndarray
     s_sin: np.ndarray
+    texture: np.ndarray  # unit-sd random field (white-matter fibre and glia texture)
+    columns: np.ndarray  # [7, ...] on a COLUMN_GRID coarser grid: 5 layer boundaries, curvature, thickness (mm)
+    profiles: np.ndarray  # [18, cells] each column-grid cell's darkness profile (cells: the flattened grid)
     ventricle_ok: bool
 
     @classmethod
@@ -158,7 +262,7 @@ class SectionGeometry:
             r_lip = float(brain.r_out(np.array([tk]), z_mm)[0])
             t = (r_lip - r) / dk
             tc = np.clip(t, 0, 1)
-            center = tk + brain.curv[k] * tc ** 2
+            center = tk + brain.tilt[k] * tc + brain.curv[k] * tc ** 2
             dth = _wrap(th - center)
             dist = np.abs(r * dth)
             rf = r_lip - dk
@@ -185,12 +289,20 @@ class SectionGeometry:
         vx, vy, va, vb, vphi = brain.ventricle
         vmask = _ellipse(X, Y, vx, vy, va, vb, vphi)
         ventricle_ok = bool(vmask.any() and depth[vmask].min() > brain.area_thickness.max() + 0.4)
+        trng = np.random.default_rng([brain.seed, int(round(z_mm * 1000)), 5])
+        tex = sum(w * ndi.gaussian_filter(trng.normal(0, 1, depth.shape).astype(np.float32), sig / step_mm)
+                  for w, sig in ((1.0, 0.05), (1.5, 0.25)))
+        tex = (tex - tex.mean()) / max(float(tex.std()), 1e-6)
+        columns, profiles = _column_fields(brain, z_mm, s[::COLUMN_GRID, ::COLUMN_GRID] / L,
+                                           tissue[::COLUMN_GRID, ::COLUMN_GRID], step_mm * COLUMN_GRID)
         return cls(brain, z_mm, step_mm, x0, depth, np.cos(ang).astype(np.float32),
-                   np.sin(ang).astype(np.float32), ventricle_ok)
+                   np.sin(ang).astype(np.float32), tex.astype(np.float32), columns, profiles, ventricle_ok)
 
     def sample_affine(self, affine: np.ndarray, y0: int, x0: int, h: int, w: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(depth_mm, sheet fraction s, ventricle mask) on the pixel block [y0:y0+h, x0:x0+w].
+                      ) -> dict[str, np.ndarray]:
+        """Fields on the pixel block [y0:y0+h, x0:x0+w]: ``depth`` (mm below the pia), ``s`` (sheet fraction),
+        ``vent`` (ventricle mask), ``tex`` (texture), ``columns`` (column fields, see ``_column_fields``) and
+        ``cell`` (flat index of the nearest column-grid cell, for ``profiles``).
 
         ``affine`` (2x3) maps pixel (col, row, 1) to phantom (X, Y) mm; the coarse fields are resampled with one
         bilinear affine transform each.
@@ -205,6 +317,20 @@ class SectionGeometry:
         c = ndi.affine_transform(self.s_cos, **kw)
         s = ndi.affine_transform(self.s_sin, **kw)
         s_frac = (np.arctan2(s, c) * (1 / TWO_PI)) % 1.0
+        tex = ndi.affine_transform(self.texture, **kw)
+        # column fields: sampled every k pixels (about COLUMN_SAMPLE_UM) and repeated over each k x k cell
+        px_um = 1e3 * self.step_mm * float(np.hypot(mat[0, 0], mat[0, 1]))
+        k = max(1, int(round(COLUMN_SAMPLE_UM / px_um)))
+        mc = mat / COLUMN_GRID
+        oc = off / COLUMN_GRID + mc @ np.full(2, (k - 1) / 2)
+        hk, wk = -(-h // k), -(-w // k)
+        columns = np.stack([ndi.affine_transform(f, matrix=mc * k, offset=oc, output_shape=(hk, wk), order=1,
+                                                 mode="nearest") for f in self.columns])
+        columns = np.repeat(np.repeat(columns, k, 1), k, 2)[:, :h, :w]
+        rr = np.arange(h, dtype=np.float64)[:, None]
+        cc = np.arange(w, dtype=np.float64)[None, :]
+        cell = self._cell(mc[0, 0] * rr + mc[0, 1] * cc + off[0] / COLUMN_GRID,
+                          mc[1, 0] * rr + mc[1, 1] * cc + off[1] / COLUMN_GRID)
         vent = np.zeros((h, w), bool)
         if self.ventricle_ok:
             vx, vy, va, vb, vphi = self.brain.ventricle
@@ -220,20 +346,72 @@ class SectionGeometry:
                 X = affine[0, 0] * cc + affine[0, 1] * rr + affine[0, 2]
                 Y = affine[1, 0] * cc + affine[1, 1] * rr + affine[1, 2]
                 vent[r0 - y0:r1 - y0, c0 - x0:c1 - x0] = _ellipse(X, Y, vx, vy, va, vb, vphi)
-        return depth, s_frac, vent
+        return dict(depth=depth, s=s_frac, vent=vent, tex=tex, columns=columns, cell=cell)
 
-    def sample(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Bilinear-interpolate (depth_mm, sheet fraction s in [0,1), ventricle mask) at phantom points."""
+    def _cell(self, gi: np.ndarray, gj: np.ndarray) -> np.ndarray:
+        """Flat index of the nearest column-grid cell at column-grid coordinates (row ``gi``, col ``gj``)."""
+        ny, nx = self.columns.shape[1:]
+        i = np.clip(np.rint(gi), 0, ny - 1).astype(np.int64)
+        j = np.clip(np.rint(gj), 0, nx - 1).astype(np.int64)
+        return i * nx + j
+
+    def sample(self, X: np.ndarray, Y: np.ndarray) -> dict[str, np.ndarray]:
+        """The fields of ``sample_affine``, bilinearly interpolated at phantom points (mm)."""
         ci = np.stack([(Y - self.x0) / self.step_mm, (X - self.x0) / self.step_mm])
         depth = ndi.map_coordinates(self.depth, ci, order=1, mode="nearest")
         c = ndi.map_coordinates(self.s_cos, ci, order=1, mode="nearest")
         s = ndi.map_coordinates(self.s_sin, ci, order=1, mode="nearest")
         s_frac = (np.arctan2(s, c) / TWO_PI) % 1.0
+        tex = ndi.map_coordinates(self.texture, ci, order=1, mode="nearest")
+        columns = np.stack([ndi.map_coordinates(f, ci / COLUMN_GRID, order=1, mode="nearest") for f in self.columns])
         if self.ventricle_ok:
             vent = _ellipse(X, Y, *self.brain.ventricle)
         else:
             vent = np.zeros(X.shape, bool)
-        return depth, s_frac, vent
+        cell = self._cell(ci[0] / COLUMN_GRID, ci[1] / COLUMN_GRID)
+        return dict(depth=depth, s=s_frac, vent=vent, tex=tex, columns=columns, cell=cell)
+
+
+def _column_fields(brain: BrainModel, z_mm: float, s_frac: np.ndarray, tissue: np.ndarray, step_mm: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Column properties on a coarse grid: ``columns`` [7, ...] and ``profiles`` [18, cells].
+
+    ``columns``: the five layer boundaries (cumulative von Economo fractions, each layer's share varied by
+    BigBrain's relative spread), the curvature class and the cortical thickness (the area's, with a slow wave along
+    the sheet, thicker at crowns and thinner in fundi). ``profiles``: the darkness at BigBrain's 18 depths, the
+    area's mean (blended with the neighbour's across a border) plus this brain's offset plus the columns' variation
+    drawn from BigBrain's full within-area covariance. All are functions of the sheet position of the nearest pial
+    point; smoothing them within the tissue hides the jumps where that point switches between the banks of a gyrus.
+    """
+    s_idx = np.minimum((s_frac * COLUMN_TABLE).astype(np.int64), COLUMN_TABLE - 1)
+    fields = brain.sheet_fields(z_mm, COLUMN_TABLE)[:, s_idx]
+    K = brain.areas[0].pcs.shape[0]
+    area, nb, nb_w = brain.area_blend(s_frac, z_mm)
+    frac = np.stack([a.fractions for a in brain.areas])[area]  # [..., 6]
+    sd = np.stack([a.fraction_sd for a in brain.areas])[area] * brain.variation
+    frac = frac * np.exp(sd * np.moveaxis(fields[K:K + 6], 0, -1) - 0.5 * sd * sd)
+    bounds = np.moveaxis(np.cumsum(frac, -1) / frac.sum(-1, keepdims=True), -1, 0)[:5]
+    curvature = brain.sheet_curvature(z_mm, COLUMN_TABLE)[s_idx]
+    amp, k, ph = brain.thick_wave
+    thickness = brain.area_thickness[area] * (1 + amp * brain.variation * np.sin(TWO_PI * k * s_frac + ph))
+    thickness *= 1 + BOK_THICKNESS * brain.variation * curvature
+    mean = np.stack([a.profile for a in brain.areas]) + brain.profile_offset  # [n_areas, 18]
+    prof = (1 - nb_w)[..., None] * mean[area] + nb_w[..., None] * mean[nb]
+    for i, a in enumerate(brain.areas):  # variation: sum_k z_k pc_k, z_k the columns' unit-variance fields
+        m = area == i
+        prof[m] += brain.variation * np.sqrt(TISSUE_VARIANCE_SHARE) * fields[:K, m].T @ a.pcs
+    m = tissue.astype(np.float32)
+    sig = COLUMN_SMOOTH_MM / step_mm
+    norm = ndi.gaussian_filter(m, sig)
+    far = norm < 1e-3  # beyond the tissue any value will do: the field's mean
+
+    def smooth(f: np.ndarray) -> np.ndarray:
+        mean = float(f[tissue].mean()) if tissue.any() else float(f.mean())
+        return np.where(far, mean, ndi.gaussian_filter((f * m).astype(np.float32), sig) / np.maximum(norm, 1e-3))
+
+    columns = np.stack([smooth(f) for f in (*bounds, curvature, thickness)]).astype(np.float32)
+    profiles = np.stack([smooth(prof[..., d]).ravel() for d in range(prof.shape[-1])]).astype(np.float32)
+    return columns, profiles
 
 
 def _ellipse(X, Y, cx, cy, a, b, phi):
