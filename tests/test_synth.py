@@ -48,7 +48,8 @@ def test_packaged_profile_statistics_equal_shared() -> None:
     if shared is None:
         pytest.skip("../shared/data absent: cannot compare the packaged profile statistics")
     derived, packaged = derive_profiles(shared), load_packaged_profiles()
-    assert (derived[["area", "quantity", "index"]].to_numpy() == packaged[["area", "quantity", "index"]].to_numpy()).all()
+    keys = ["area", "quantity", "index"]
+    assert (derived[keys].to_numpy() == packaged[keys].to_numpy()).all()
     np.testing.assert_allclose(derived.value.to_numpy(), packaged.value.to_numpy(), atol=1e-6)
 
 

@@ -17,9 +17,9 @@ Sources (read in place from the shared data folder, see ``shared_data_dir``):
   the relative spread of the six layer fractions (``derive_profiles``).
 
 When the shared folder is absent, a packaged copy of exactly these derived values is read from
-``cytonet/data/synth_reference.csv`` and ``synth_profiles.csv`` (see ``cytonet/data/README.md``).  The modelling rules that turn these
-values into rendering parameters (granular layer IV, Betz cells, brightness equalisation) live in
-``area_model``.
+``cytonet/data/synth_reference.csv`` and ``synth_profiles.csv`` (see ``cytonet/data/README.md``).  The modelling
+rules that turn these values into rendering parameters (striate sub-layers of IV, Betz cells) live in
+``area_models``.
 """
 
 from __future__ import annotations
@@ -201,6 +201,19 @@ BETZ_DENSITY = 6.0  # Betz cells per mm² of section in layer Vb
 STRIATE_IV = ((0.25, 1.05), (0.30, 0.8), (0.45, 1.1))
 
 
+def _quantities(profiles: pd.DataFrame, area: str):
+    """Accessor of one area's profile statistics: ``q("mean")`` -> values in index order."""
+    own = profiles[profiles.area == area]
+
+    def q(quantity: str) -> np.ndarray:
+        rows = own[own.quantity == quantity].sort_values("index")
+        if rows.empty:
+            raise KeyError(f"profile statistics: no {quantity!r} for area {area}")
+        return rows.value.to_numpy(float)
+
+    return q
+
+
 def area_models(ref: pd.DataFrame | None = None, profiles: pd.DataFrame | None = None) -> list[AreaModel]:
     """Turn the reference tables into per-area rendering models.
 
@@ -213,14 +226,7 @@ def area_models(ref: pd.DataFrame | None = None, profiles: pd.DataFrame | None =
     for name, color in AREAS:
         sub = ref[ref.area == name].set_index("layer").loc[list(LAYERS)]
         t = sub.thickness_mm.to_numpy(float)
-        pr = profiles[profiles.area == name]
-
-        def q(quantity: str) -> np.ndarray:
-            rows = pr[pr.quantity == quantity].sort_values("index")
-            if rows.empty:
-                raise KeyError(f"profile statistics: no {quantity!r} for area {name}")
-            return rows.value.to_numpy(float)
-
+        q = _quantities(profiles, name)
         models.append(AreaModel(
             name, color, t / t.sum(), float(t.sum()), sub.density_per_mm2.to_numpy(float).copy(),
             sub.cell_area_um2.to_numpy(float).copy(), q("mean"),

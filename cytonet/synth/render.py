@@ -187,7 +187,8 @@ class SectionRenderer:
         centers = (np.arange(NL) + 0.5) * FRAC_MAX / NL
         self.layer_lut = np.stack([1 + (centers[:, None] >= c[None, :]).sum(1) for c in t.cum]).astype(np.uint8)
         self.layer_lut[:, centers >= 1] = 7
-        self.mean_cum = np.concatenate([np.zeros((len(t.cum), 1)), t.cum, np.ones((len(t.cum), 1))], 1).astype(np.float32)
+        ends = np.ones((len(t.cum), 1), np.float32)
+        self.mean_cum = np.concatenate([0 * ends, t.cum, ends], 1).astype(np.float32)
         if self.vessels is None:
             self.vessels = Vessels(np.zeros(0), np.zeros(0), np.zeros(0))
         # smooth uneven-staining field on a 64x64 grid, resampled bilinearly
@@ -208,7 +209,7 @@ class SectionRenderer:
         area ``nb_idx`` and its weight ``nb_w`` across a gradual border, ``s_mm`` (sheet position), ``cell`` (the
         column-grid cell whose profile the pixel shows) and the texture field ``tex``.
         """
-        g, brain, t = self.geom, self.geom.brain, self.tables
+        g, brain = self.geom, self.geom.brain
         if block is not None:
             f = g.sample_affine(self.affine, *block)
         else:
