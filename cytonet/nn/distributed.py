@@ -8,6 +8,7 @@ of model and data code so the launch logic can be unit-tested on its own.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
 
@@ -113,10 +116,26 @@ def init_distributed(device: str = "auto", env: DistEnv | None = None,
     return env, dev
 
 
-def cleanup() -> None:
-    """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(synchronise: bool = True) -> None:
+    """Leave the process group if one was joined.
+
+    ``synchronise``: wait for every rank first, so that no rank tears the group down while a peer's last collective
+    is still in flight (with gloo that aborted a rank at exit now and then). A rank that leaves after an error
+    skips the wait (its peers may never arrive); on gloo the wait gives up after 60 s instead of hanging.
+    """
+    import datetime
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError as exc:  # a peer failed or left: leave anyway
+            log.warning("leaving the process group without all ranks: %s", exc)
+    dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -162,8 +181,10 @@ def _logged_rank(fn, args: tuple, verbosity: int) -> None:
 def _ranked(fn, args: tuple) -> None:
     try:
         fn(*args)
-    finally:
-        cleanup()
+    except BaseException:
+        cleanup(synchronise=False)
+        raise
+    cleanup()
 
 
 def threads_per_rank(requested: int | None, local_world: int) -> int:
