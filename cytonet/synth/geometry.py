@@ -19,9 +19,8 @@ from scipy import ndimage as ndi
 from .reference import AreaModel
 
 TWO_PI = 2 * np.pi
-FIELD_MM = (2.0, 15.0)  # wavelength range (mm along the sheet) of the columns' slow random variation
-FAST_FIELD_MM = (0.8, 2.0)  # ... of the minor profile components (BigBrain's vertex-to-vertex spread)
-SLOW_PCS = 0  # profile components that vary slowly
+LAYER_FIELD_MM = (2.0, 15.0)  # wavelength range (mm along the sheet) of the columns' layer-share variation
+PROFILE_FIELD_MM = (0.8, 2.0)  # ... of their profile variation (BigBrain's vertex-to-vertex spread)
 #: Share of BigBrain's between-vertex profile variance that the phantom draws as tissue variation; the rest is the
 #: measurement noise the rendering adds itself (cells, stain, scanner). Measured by benchmarks/phantom_noise.py.
 TISSUE_VARIANCE_SHARE = 0.79
@@ -117,8 +116,8 @@ class BrainModel:
         self.sheet_length0 = TWO_PI * self.R0 + 2 * self.depth0.sum()
         n_pcs = self.areas[0].pcs.shape[0]
         n_fields = n_pcs + 6
-        lo, hi = np.full(n_fields, FIELD_MM[0]), np.full(n_fields, FIELD_MM[1])
-        lo[SLOW_PCS:n_pcs], hi[SLOW_PCS:n_pcs] = FAST_FIELD_MM
+        lo, hi = np.full(n_fields, LAYER_FIELD_MM[0]), np.full(n_fields, LAYER_FIELD_MM[1])
+        lo[:n_pcs], hi[:n_pcs] = PROFILE_FIELD_MM
         lam = np.exp(rng.uniform(np.log(lo)[:, None], np.log(hi)[:, None], (n_fields, FIELD_WAVES)))
         self.field_n = np.maximum(1, np.rint(self.sheet_length0 / lam))
         self.field_kz = TWO_PI / lam * rng.uniform(-1, 1, lam.shape)
@@ -126,18 +125,18 @@ class BrainModel:
         # each wave's amplitude undoes its damping by the smoothing of the column fields (COLUMN_SMOOTH_MM)
         self.field_gain = np.exp(2 * (np.pi * COLUMN_SMOOTH_MM / lam) ** 2)
 
-    def sheet_fields(self, z_mm: float, n: int = 4096) -> np.ndarray:
+    def sheet_fields(self, z_mm: float, n: int = COLUMN_TABLE) -> np.ndarray:
         """Unit-variance random fields [n_fields, n] on ``n`` equal steps of the sheet ring at ``z_mm``.
 
         Rows 0..K-1 weight the areas' profile components, rows K..K+5 perturb the six layer fractions; each is a
-        sum of ``FIELD_WAVES`` waves along the sheet that drift with ``z``, with wavelengths in ``FIELD_MM`` (the
-        leading ``SLOW_PCS`` components and the layer fractions) or ``FAST_FIELD_MM`` (the rest of the components).
+        sum of ``FIELD_WAVES`` waves along the sheet that drift with ``z``, with wavelengths in ``PROFILE_FIELD_MM``
+        (the profile components) or ``LAYER_FIELD_MM`` (the layer fractions).
         """
         s = np.arange(n) / n
         ph = TWO_PI * self.field_n[..., None] * s + (self.field_kz * z_mm + self.field_phase)[..., None]
         return (np.sqrt(2.0 / FIELD_WAVES) * (self.field_gain[..., None] * np.cos(ph)).sum(1)).astype(np.float32)
 
-    def sheet_curvature(self, z_mm: float, n: int = 4096) -> np.ndarray:
+    def sheet_curvature(self, z_mm: float, n: int = COLUMN_TABLE) -> np.ndarray:
         """Curvature class of the pial surface on ``n`` steps of the sheet ring: +1 gyral crown, -1 fundus, 0 wall.
 
         Read off the folding model (crowns are the middles of the outer segments between sulci, fundi the sulcal
@@ -406,8 +405,8 @@ def _column_fields(brain: BrainModel, z_mm: float, s_frac: np.ndarray, tissue: n
     far = norm < 1e-3  # beyond the tissue any value will do: the field's mean
 
     def smooth(f: np.ndarray) -> np.ndarray:
-        mean = float(f[tissue].mean()) if tissue.any() else float(f.mean())
-        return np.where(far, mean, ndi.gaussian_filter((f * m).astype(np.float32), sig) / np.maximum(norm, 1e-3))
+        fill = float(f[tissue].mean()) if tissue.any() else float(f.mean())
+        return np.where(far, fill, ndi.gaussian_filter((f * m).astype(np.float32), sig) / np.maximum(norm, 1e-3))
 
     columns = np.stack([smooth(f) for f in (*bounds, curvature, thickness)]).astype(np.float32)
     profiles = np.stack([smooth(prof[..., d]).ravel() for d in range(prof.shape[-1])]).astype(np.float32)

@@ -187,13 +187,6 @@ class AreaModel:
     betz_density: float  # giant layer-Vb pyramids / mm² (FA only)
     iv_sublayers: tuple[tuple[float, float], ...] = ((1.0, 1.0),)  # (share of IV, density factor), pia first
 
-    @property
-    def darkness_per_layer(self) -> np.ndarray:
-        """Mean profile darkness over each layer's depth range (the reference pattern the rendering follows)."""
-        depth = (np.arange(N_DEPTHS) + 0.5) / N_DEPTHS
-        layer = np.searchsorted(np.cumsum(self.fractions)[:5], depth, side="right")
-        return np.array([self.profile[layer == k].mean() if (layer == k).any() else np.nan for k in range(6)])
-
 
 BETZ_AREA_UM2 = 2400.0  # cross-section of a ~40 x 75 µm giant Betz pyramid (layer Vb of area 4)
 BETZ_DENSITY = 6.0  # Betz cells per mm² of section in layer Vb

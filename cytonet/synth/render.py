@@ -26,6 +26,7 @@ DARKNESS_FLOOR = 0.12  # darkness of cell-free tissue on BigBrain's scale (its l
 COLUMN_MM, COLUMN_CONTRAST = 0.05, 0.15  # radial cell columns: spacing, density modulation (layers III-VI)
 RADIAL_VESSEL_SPACING_MM = 1.0  # mean spacing of radial (perforating) vessels along the pial surface
 LUMINA_PER_MM2 = 1.5  # round vessel cross-sections per mm² of tissue
+RIM = 1.35  # a lumen's rim of endothelial and perivascular nuclei reaches this many radii
 TWO_PI_F = np.float32(2 * np.pi)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -139,7 +140,7 @@ def lamination_tables(brain: BrainModel) -> LaminationTables:
     n = len(brain.areas)
     centers = (np.arange(NB) + 0.5) * FRAC_MAX / NB
     size = np.empty((n, NB), np.float32)
-    ivf = np.ones((n, NB), np.float32)
+    layer_factor = np.ones((n, NB), np.float32)
     betz = np.zeros((n, NB), np.float32)
     cum = np.empty((n, 5), np.float32)
     for i, a in enumerate(brain.areas):
@@ -154,17 +155,17 @@ def lamination_tables(brain: BrainModel) -> LaminationTables:
         lo = c[2]
         for share, fac in a.iv_sublayers:
             hi = lo + share * a.fractions[3]
-            ivf[i] = np.where((centers >= lo) & (centers < hi), fac, ivf[i])
+            layer_factor[i] = np.where((centers >= lo) & (centers < hi), fac, layer_factor[i])
             lo = hi
         if a.betz_density > 0:  # giant pyramids in the lower half of layer V
             lo, hi = c[3] + 0.4 * a.fractions[4], c[4]
             betz[i] = np.where((centers >= lo) & (centers < hi), a.betz_density * a.fractions[4] / (hi - lo), 0)
     sig = 0.012 / (FRAC_MAX / NB)
     size = ndi.gaussian_filter1d(size, sig, axis=1, mode="nearest")
-    ivf = ndi.gaussian_filter1d(ivf, sig, axis=1, mode="nearest")
+    layer_factor = ndi.gaussian_filter1d(layer_factor, sig, axis=1, mode="nearest")
     areas = brain.areas
     coverage = float(np.mean([a.fractions @ (a.density * a.cell_area * 1e-6) for a in areas]))
-    return LaminationTables(size, ivf, betz, cum,
+    return LaminationTables(size, layer_factor, betz, cum,
                             float(np.mean([a.profile.mean() for a in areas])), coverage)
 
 
@@ -188,7 +189,7 @@ class SectionRenderer:
         self.layer_lut = np.stack([1 + (centers[:, None] >= c[None, :]).sum(1) for c in t.cum]).astype(np.uint8)
         self.layer_lut[:, centers >= 1] = 7
         ends = np.ones((len(t.cum), 1), np.float32)
-        self.mean_cum = np.concatenate([0 * ends, t.cum, ends], 1).astype(np.float32)
+        self.mean_cum = np.concatenate([0 * ends, t.cum, ends], 1)
         if self.vessels is None:
             self.vessels = Vessels(np.zeros(0), np.zeros(0), np.zeros(0))
         # smooth uneven-staining field on a 64x64 grid, resampled bilinearly
@@ -205,9 +206,9 @@ class SectionRenderer:
         """Ground-truth fields at pixel coordinates (``block`` = (y0, x0, h, w) for a regular block: faster).
 
         Besides the maps of the data contract: ``frac`` (volume fraction of the cortex above the pixel, Bok),
-        ``layer_frac`` (the same aligned to the area's mean von Economo layers), ``area_idx``, the neighbouring
-        area ``nb_idx`` and its weight ``nb_w`` across a gradual border, ``s_mm`` (sheet position), ``cell`` (the
-        column-grid cell whose profile the pixel shows) and the texture field ``tex``.
+        ``layer_frac`` (the same aligned to the area's mean von Economo layers), ``area_idx``, the weight ``nb_w`` of
+        the nearest neighbouring area across a gradual border, ``s_mm`` (sheet position), ``cell`` (the column-grid
+        cell whose profile the pixel shows) and the texture field ``tex``.
         """
         g, brain = self.geom, self.geom.brain
         if block is not None:
@@ -219,7 +220,7 @@ class SectionRenderer:
             f = g.sample(X, Y)
         depth, s, vent = f["depth"], f["s"], f["vent"]
         kappa, thickness = f["columns"][5], f["columns"][6]
-        area, nb, nb_w = brain.area_blend(s, g.z_mm)
+        area, _, nb_w = brain.area_blend(s, g.z_mm)
         frac = equivolumetric((depth / thickness).astype(np.float32), kappa * brain.variation)
         # this column's layer boundaries, mapped piecewise linearly onto the area's mean (von Economo) ones
         cb = f["columns"][:5]
@@ -236,7 +237,7 @@ class SectionRenderer:
         layer = np.where(tissue, self.layer_lut[area, fb], 0).astype(np.uint8)
         cortex = (layer >= 1) & (layer <= 6)
         return dict(tissue=tissue, cortex=cortex, area=np.where(cortex, area + 1, 0).astype(np.uint8),
-                    layer=layer, frac=frac, layer_frac=layer_frac, area_idx=area, nb_idx=nb, nb_w=nb_w,
+                    layer=layer, frac=frac, layer_frac=layer_frac, area_idx=area, nb_w=nb_w,
                     s_mm=s * brain.sheet_length(g.z_mm), cell=f["cell"], tex=f["tex"])
 
     @staticmethod
@@ -251,20 +252,22 @@ class SectionRenderer:
             out |= d < ww
         return out
 
-    def _lumina(self, rows: np.ndarray, cols: np.ndarray, grow: float) -> np.ndarray:
-        """Mask of the round vessel lumina (radius x ``grow``) in the block spanned by ``rows`` x ``cols``."""
-        out = np.zeros(rows.shape, bool)
+    def _lumina(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of the round vessel lumina and of their rims (out to ``RIM`` x the radius) in the block spanned
+        by ``rows`` x ``cols``."""
+        lumen, rim = np.zeros(rows.shape, bool), np.zeros(rows.shape, bool)
         r0, c0 = float(rows[0, 0]), float(cols[0, 0])
         hh, ww = rows.shape
         for x, y, rad in self.vessels.lumina:
-            rad = rad * grow
-            i0, i1 = int(max(0, y - rad - r0)), int(min(hh, y + rad - r0 + 2))
-            j0, j1 = int(max(0, x - rad - c0)), int(min(ww, x + rad - c0 + 2))
+            reach = rad * RIM
+            i0, i1 = int(max(0, y - reach - r0)), int(min(hh, y + reach - r0 + 2))
+            j0, j1 = int(max(0, x - reach - c0)), int(min(ww, x + reach - c0 + 2))
             if i1 <= i0 or j1 <= j0:
                 continue
-            rr, cc = rows[i0:i1, j0:j1], cols[i0:i1, j0:j1]
-            out[i0:i1, j0:j1] |= (rr - y) ** 2 + (cc - x) ** 2 < rad * rad
-        return out
+            d2 = (rows[i0:i1, j0:j1] - y) ** 2 + (cols[i0:i1, j0:j1] - x) ** 2
+            lumen[i0:i1, j0:j1] |= d2 < rad * rad
+            rim[i0:i1, j0:j1] |= d2 < reach * reach
+        return lumen, rim
 
     # --- full render ---
     def darkness(self, lab: dict[str, np.ndarray]) -> np.ndarray:
@@ -297,9 +300,9 @@ class SectionRenderer:
         s_mm = lab["s_mm"]
         columns = 1 + COLUMN_CONTRAST * np.cos(TWO_PI_F * s_mm / COLUMN_MM + 2.0 * np.sin(TWO_PI_F * s_mm / 0.7))
         rel = np.where(in_columns, rel * columns, rel)
-        lumen = self.vessels.radial(s_mm, lab["frac"]) & tissue
-        lumen |= self._lumina(rows, cols, 1.0)
-        rim = self._lumina(rows, cols, 1.35) & ~lumen & tissue
+        round_lumen, rim = self._lumina(rows, cols)
+        lumen = (self.vessels.radial(s_mm, lab["frac"]) & tissue) | round_lumen
+        rim &= ~lumen & tissue
         dens = np.where(wm, WM_DENSITY * np.exp(0.4 * lab["tex"]), rel * t.mean_coverage / (size * 1e-6))
         dens = np.where(tissue & ~lumen, dens, 0)
         dens = np.where(rim, dens + 3 * WM_DENSITY, dens)  # endothelial and perivascular nuclei
